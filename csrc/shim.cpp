@@ -1,0 +1,115 @@
+// extern "C" wrappers of llama.cpp's C++-linkage staging API (src/llama-ext.h).
+// Compiled against the real header, so a change of signature upstream breaks
+// the build here instead of corrupting memory at run time.
+
+#include "pyllama_mtp.h"
+
+#include "llama-ext.h"
+
+#include <cstring>
+#include <exception>
+#include <new>
+#include <vector>
+
+extern "C" {
+
+const char * pmtp_version(void)            { return PYLLAMA_MTP_VERSION; }
+const char * pmtp_llama_commit(void)       { return PYLLAMA_MTP_LLAMA_COMMIT; }
+const char * pmtp_compiled_backends(void)  { return PYLLAMA_MTP_BACKENDS; }
+
+static int32_t pmtp_status_from_decode(int32_t rc) {
+    // llama_decode: 0 ok, 1 no KV slot, 2 aborted, -1 invalid batch, < -1 fatal.
+    switch (rc) {
+        case 0:  return PMTP_OK;
+        case 1:  return PMTP_ERR_NO_KV_SLOT;
+        case 2:  return PMTP_ERR_ABORTED;
+        case -1: return PMTP_ERR_ARGUMENT;
+        default: return PMTP_ERR_DECODE;
+    }
+}
+
+int32_t pmtp_decode_tokens(llama_context * ctx, int32_t n, const llama_token * tokens,
+                           const llama_pos * pos, const llama_seq_id * seq_ids, const int8_t * output) {
+    if (ctx == nullptr || n <= 0 || tokens == nullptr || pos == nullptr || seq_ids == nullptr) {
+        return PMTP_ERR_ARGUMENT;
+    }
+    try {
+        // llama_batch wants one pointer per token into its sequence-id list.
+        std::vector<int32_t> n_seq_id(n, 1);
+        std::vector<llama_seq_id *> seq_ptrs(n);
+        std::vector<int8_t> last_only;
+        for (int32_t i = 0; i < n; i++) {
+            seq_ptrs[i] = const_cast<llama_seq_id *>(seq_ids + i);
+        }
+        if (output == nullptr) {
+            last_only.assign(n, 0);
+            last_only[n - 1] = 1;
+            output = last_only.data();
+        }
+        llama_batch batch = {};
+        batch.n_tokens = n;
+        batch.token    = const_cast<llama_token *>(tokens);
+        batch.pos      = const_cast<llama_pos *>(pos);
+        batch.n_seq_id = n_seq_id.data();
+        batch.seq_id   = seq_ptrs.data();
+        batch.logits   = const_cast<int8_t *>(output);
+        return pmtp_status_from_decode(llama_decode(ctx, batch));
+    } catch (const std::bad_alloc &) {
+        return PMTP_ERR_ALLOC;
+    } catch (const std::exception &) {
+        return PMTP_ERR_INTERNAL;
+    }
+}
+
+bool pmtp_abort_if_flag_set(void * flag) {
+    return flag != nullptr && __atomic_load_n(static_cast<int32_t *>(flag), __ATOMIC_RELAXED) != 0;
+}
+
+void pmtp_set_embeddings_nextn(llama_context * ctx, bool value, bool masked) {
+    llama_set_embeddings_nextn(ctx, value, masked);
+}
+
+float * pmtp_get_embeddings_nextn_ith(llama_context * ctx, int32_t i) {
+    // Upstream throws (and logs) on a bad index; a C caller gets NULL instead.
+    try {
+        return llama_get_embeddings_nextn_ith(ctx, i);
+    } catch (const std::exception &) {
+        return nullptr;
+    }
+}
+
+void pmtp_set_nextn_layer_offset(llama_context * ctx, int32_t offset) {
+    llama_set_nextn_layer_offset(ctx, offset);
+}
+
+llama_context * pmtp_get_ctx_other(llama_context * ctx) {
+    return llama_get_ctx_other(ctx);
+}
+
+int32_t pmtp_memory_breakdown(const llama_context * ctx, pmtp_memory_entry * out, int32_t capacity) {
+    if (ctx == nullptr || capacity < 0 || (capacity > 0 && out == nullptr)) {
+        return PMTP_ERR_ARGUMENT;
+    }
+    try {
+        const llama_memory_breakdown breakdown = llama_get_memory_breakdown(ctx);
+        int32_t n = 0;
+        for (const auto & [buft, data] : breakdown) {
+            if (n < capacity) {
+                pmtp_memory_entry & entry = out[n];
+                std::memset(&entry, 0, sizeof(entry));
+                std::strncpy(entry.buffer_type, ggml_backend_buft_name(buft), sizeof(entry.buffer_type) - 1);
+                entry.model   = data.model;
+                entry.context = data.context;
+                entry.compute = data.compute;
+            }
+            n++;
+        }
+        return n;
+    } catch (const std::bad_alloc &) {
+        return PMTP_ERR_ALLOC;
+    } catch (const std::exception &) {
+        return PMTP_ERR_INTERNAL;
+    }
+}
+
+}  // extern "C"

@@ -1,0 +1,71 @@
+"""pyllama_mtp: multi-token-prediction speculative decoding on llama.cpp, from Python.
+
+    >>> from pyllama_mtp import Model
+    >>> with Model.load("model.gguf") as model, model.context(n_ctx=1024) as ctx:
+    ...     for token in ctx.generate("Hello", max_tokens=16):
+    ...         print(model.token_to_piece(token).decode(errors="replace"), end="")
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import _lowlevel
+from ._lowlevel import DeviceInfo
+from ._version import __version__
+from .context import Batch, Context
+from .errors import (
+    AbortedError,
+    ClosedError,
+    ContextFullError,
+    DecodeError,
+    InvalidArgumentError,
+    LlamaError,
+    LoadCancelledError,
+    ModelLoadError,
+    NoMTPError,
+    StateError,
+)
+from .generation import Sampler, TextStream, generate, stream_text
+from .model import Model
+
+__all__ = [
+    "__version__",
+    "Model",
+    "Context",
+    "Batch",
+    "Sampler",
+    "TextStream",
+    "generate",
+    "stream_text",
+    "system_info",
+    "devices",
+    "DeviceInfo",
+    "LlamaError",
+    "ModelLoadError",
+    "LoadCancelledError",
+    "ContextFullError",
+    "DecodeError",
+    "AbortedError",
+    "InvalidArgumentError",
+    "ClosedError",
+    "NoMTPError",
+    "StateError",
+]
+
+
+def devices() -> list[DeviceInfo]:
+    """Devices the compiled backends see (name, type, memory)."""
+    return _lowlevel.devices()
+
+
+def system_info() -> dict[str, Any]:
+    """Versions, the llama.cpp commit, compiled backends, devices and CPU features."""
+    return {
+        "version": __version__,
+        "shim_version": _lowlevel.shim_version(),
+        "llama_cpp_commit": _lowlevel.llama_commit(),
+        "backends": _lowlevel.compiled_backends(),
+        "devices": [device.__dict__ for device in _lowlevel.devices()],
+        "cpu_features": _lowlevel.cpu_features(),
+    }

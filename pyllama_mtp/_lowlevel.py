@@ -1,0 +1,537 @@
+"""Thin wrappers over the C API: own native pointers, check return codes, convert types.
+
+This is the only module besides ``_ffi`` that touches ``lib``. It knows nothing of
+Python-level lifetimes (parents, children, ``with``): that is the public layer's job.
+Each ``Native*`` class owns one pointer, frees it exactly once, and serialises every
+call on it with its own lock, because llama.cpp objects are not thread-safe.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+from ._ffi import ffi, lib
+from .errors import (
+    AbortedError,
+    ClosedError,
+    ContextFullError,
+    DecodeError,
+    InvalidArgumentError,
+    LlamaError,
+    LoadCancelledError,
+    ModelLoadError,
+    NoMTPError,
+    StateError,
+)
+
+# ---------------------------------------------------------------------------
+# The one place where C status codes become exceptions.
+# ---------------------------------------------------------------------------
+
+_STATUS_ERRORS: dict[int, type[LlamaError]] = {
+    lib.PMTP_ERR_ARGUMENT: InvalidArgumentError,
+    lib.PMTP_ERR_NO_KV_SLOT: ContextFullError,
+    lib.PMTP_ERR_DECODE: DecodeError,
+    lib.PMTP_ERR_ABORTED: AbortedError,
+    lib.PMTP_ERR_NO_MTP: NoMTPError,
+    lib.PMTP_ERR_ALLOC: DecodeError,
+    lib.PMTP_ERR_INTERNAL: DecodeError,
+}
+
+_STATUS_TEXT: dict[int, str] = {
+    lib.PMTP_ERR_ARGUMENT: "llama.cpp rejected the input",
+    lib.PMTP_ERR_NO_KV_SLOT: "no free KV slot: the context is full",
+    lib.PMTP_ERR_DECODE: "llama.cpp failed to evaluate the batch",
+    lib.PMTP_ERR_ABORTED: "aborted by the cancel flag",
+    lib.PMTP_ERR_NO_MTP: "the model has no MTP layers loaded",
+    lib.PMTP_ERR_ALLOC: "out of memory",
+    lib.PMTP_ERR_INTERNAL: "llama.cpp raised an internal error",
+}
+
+
+def check_status(status: int, action: str) -> int:
+    """Return a non-negative status unchanged; raise the matching exception otherwise."""
+    if status >= 0:
+        return status
+    error = _STATUS_ERRORS.get(status, LlamaError)
+    text = _STATUS_TEXT.get(status, f"unknown status {status}")
+    raise error(f"{action}: {text}")
+
+
+def _string(ptr: Any) -> str:
+    return ffi.string(ptr).decode("utf-8", "replace") if ptr != ffi.NULL else ""
+
+
+def _read_sized_string(reader: Callable[[Any, int], int], initial: int = 256) -> Optional[str]:
+    """Call a llama.cpp "write into buf, return needed length" function until it fits."""
+    size = initial
+    while True:
+        buf = ffi.new("char[]", size)
+        needed = reader(buf, size)
+        if needed < 0:
+            return None
+        if needed < size:
+            return ffi.string(buf).decode("utf-8", "replace")
+        size = needed + 1
+
+
+# ---------------------------------------------------------------------------
+# Build and system information
+# ---------------------------------------------------------------------------
+
+
+def shim_version() -> str:
+    return _string(lib.pmtp_version())
+
+
+def llama_commit() -> str:
+    return _string(lib.pmtp_llama_commit())
+
+
+def compiled_backends() -> list[str]:
+    return [name for name in _string(lib.pmtp_compiled_backends()).split(",") if name]
+
+
+def cpu_features() -> str:
+    return _string(lib.llama_print_system_info())
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    """One device a compiled backend sees."""
+
+    index: int
+    name: str
+    description: str
+    type: str
+    memory_total: int
+    memory_free: int
+
+
+_DEVICE_TYPES = {
+    lib.GGML_BACKEND_DEVICE_TYPE_CPU: "cpu",
+    lib.GGML_BACKEND_DEVICE_TYPE_GPU: "gpu",
+    lib.GGML_BACKEND_DEVICE_TYPE_IGPU: "igpu",
+    lib.GGML_BACKEND_DEVICE_TYPE_ACCEL: "accel",
+}
+
+
+def devices() -> list[DeviceInfo]:
+    found = []
+    free = ffi.new("size_t *")
+    total = ffi.new("size_t *")
+    for index in range(lib.ggml_backend_dev_count()):
+        dev = lib.ggml_backend_dev_get(index)
+        lib.ggml_backend_dev_memory(dev, free, total)
+        found.append(DeviceInfo(
+            index=index,
+            name=_string(lib.ggml_backend_dev_name(dev)),
+            description=_string(lib.ggml_backend_dev_description(dev)),
+            type=_DEVICE_TYPES.get(lib.ggml_backend_dev_type(dev), "unknown"),
+            memory_total=int(total[0]),
+            memory_free=int(free[0]),
+        ))
+    return found
+
+
+# ---------------------------------------------------------------------------
+# Native handles
+# ---------------------------------------------------------------------------
+
+
+class _NativeHandle:
+    """Owns one native pointer: a lock around every use, freed exactly once."""
+
+    _kind = "object"
+
+    def __init__(self, ptr: Any) -> None:
+        self._ptr = ptr
+        self.lock = threading.RLock()
+
+    @property
+    def closed(self) -> bool:
+        return self._ptr is None
+
+    def ptr(self) -> Any:
+        ptr = self._ptr
+        if ptr is None:
+            raise ClosedError(f"this {self._kind} is closed")
+        return ptr
+
+    def _free(self, ptr: Any) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def free(self) -> None:
+        with self.lock:
+            ptr, self._ptr = self._ptr, None
+            if ptr is not None:
+                self._free(ptr)
+
+
+class _ProgressRelay:
+    """Carries a Python progress callable (and any exception it raised) through C."""
+
+    def __init__(self, callback: Callable[[float], Optional[bool]]) -> None:
+        self.callback = callback
+        self.error: Optional[BaseException] = None
+        self.cancelled = False
+
+
+@ffi.def_extern()
+def pmtp_py_progress(progress: float, user_data: Any) -> bool:
+    relay: _ProgressRelay = ffi.from_handle(user_data)
+    try:
+        keep_going = relay.callback(float(progress))
+    except BaseException as exc:  # noqa: BLE001 - re-raised after the C call returns
+        relay.error = exc
+        return False
+    if keep_going is False:
+        relay.cancelled = True
+        return False
+    return True
+
+
+class NativeModel(_NativeHandle):
+    _kind = "model"
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        n_gpu_layers: int,
+        load_mtp: bool,
+        use_mmap: bool,
+        vocab_only: bool = False,
+        progress: Optional[Callable[[float], Optional[bool]]] = None,
+    ) -> None:
+        params = lib.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        params.load_mtp = load_mtp
+        params.vocab_only = vocab_only
+        params.load_mode = lib.LLAMA_LOAD_MODE_MMAP if use_mmap else lib.LLAMA_LOAD_MODE_NONE
+        relay = handle = None
+        if progress is not None:
+            relay = _ProgressRelay(progress)
+            handle = ffi.new_handle(relay)
+            params.progress_callback = lib.pmtp_py_progress
+            params.progress_callback_user_data = handle
+        ptr = lib.llama_model_load_from_file(os.fsencode(path), params)
+        if relay is not None and relay.error is not None:
+            if ptr != ffi.NULL:
+                lib.llama_model_free(ptr)
+            raise relay.error
+        if ptr == ffi.NULL:
+            if relay is not None and relay.cancelled:
+                raise LoadCancelledError(f"loading {path} was cancelled by the progress callback")
+            raise ModelLoadError(
+                f"llama.cpp could not load {path} (corrupt, truncated or unsupported GGUF; "
+                "enable logging for 'pyllama_mtp.llama_cpp' to see why)"
+            )
+        super().__init__(ptr)
+        self.vocab = lib.llama_model_get_vocab(ptr)
+
+    def _free(self, ptr: Any) -> None:
+        lib.llama_model_free(ptr)
+
+    # -- properties read once by the public layer ------------------------------------
+    def hparams(self) -> dict[str, Any]:
+        ptr = self.ptr()
+        return {
+            "n_vocab": lib.llama_vocab_n_tokens(self.vocab),
+            "n_embd": lib.llama_model_n_embd(ptr),
+            "n_layer": lib.llama_model_n_layer(ptr),
+            "n_layer_nextn": lib.llama_model_n_layer_nextn(ptr),
+            "n_head": lib.llama_model_n_head(ptr),
+            "n_head_kv": lib.llama_model_n_head_kv(ptr),
+            "n_ctx_train": lib.llama_model_n_ctx_train(ptr),
+            "size": int(lib.llama_model_size(ptr)),
+            "n_params": int(lib.llama_model_n_params(ptr)),
+            "is_recurrent": bool(lib.llama_model_is_recurrent(ptr)),
+            "is_hybrid": bool(lib.llama_model_is_hybrid(ptr)),
+            "description": _read_sized_string(
+                lambda buf, size: lib.llama_model_desc(ptr, buf, size)) or "",
+            "bos": lib.llama_vocab_bos(self.vocab),
+            "eos": lib.llama_vocab_eos(self.vocab),
+            "eot": lib.llama_vocab_eot(self.vocab),
+            "nl": lib.llama_vocab_nl(self.vocab),
+            "add_bos": bool(lib.llama_vocab_get_add_bos(self.vocab)),
+        }
+
+    def metadata(self) -> dict[str, str]:
+        ptr = self.ptr()
+        result = {}
+        for i in range(lib.llama_model_meta_count(ptr)):
+            key = _read_sized_string(lambda buf, size: lib.llama_model_meta_key_by_index(ptr, i, buf, size))
+            value = _read_sized_string(
+                lambda buf, size: lib.llama_model_meta_val_str_by_index(ptr, i, buf, size))
+            if key is not None:
+                result[key] = value if value is not None else ""
+        return result
+
+    # -- vocabulary -------------------------------------------------------------------
+    def tokenize(self, text: bytes, add_special: bool, parse_special: bool) -> np.ndarray:
+        self.ptr()
+        capacity = len(text) + 8
+        while True:
+            out = np.empty(capacity, dtype=np.int32)
+            n = lib.llama_tokenize(self.vocab, text, len(text),
+                                   ffi.cast("llama_token *", ffi.from_buffer(out)), capacity,
+                                   add_special, parse_special)
+            if n == -(2**31):
+                raise InvalidArgumentError("text is too long to tokenize")
+            if n >= 0:
+                return out[:n].copy()
+            capacity = -n
+
+    def token_to_piece(self, token: int, special: bool) -> bytes:
+        self.ptr()
+        size = 32
+        while True:
+            buf = ffi.new("char[]", size)
+            n = lib.llama_token_to_piece(self.vocab, token, buf, size, 0, special)
+            if n >= 0:
+                return ffi.buffer(buf, n)[:]
+            size = -n
+
+    def detokenize(self, tokens: np.ndarray, remove_special: bool, unparse_special: bool) -> bytes:
+        self.ptr()
+        tokens = np.ascontiguousarray(tokens, dtype=np.int32)
+        size = max(16, 4 * len(tokens))
+        while True:
+            buf = ffi.new("char[]", size)
+            n = lib.llama_detokenize(self.vocab, ffi.cast("llama_token *", ffi.from_buffer(tokens)),
+                                     len(tokens), buf, size, remove_special, unparse_special)
+            if n >= 0:
+                return ffi.buffer(buf, n)[:]
+            size = -n
+
+    def is_eog(self, token: int) -> bool:
+        return bool(lib.llama_vocab_is_eog(self.vocab, token))
+
+
+@dataclass
+class ContextConfig:
+    """What a context is created with; the public layer validates the numbers."""
+
+    n_ctx: int = 0
+    n_batch: int = 512
+    n_ubatch: int = 512
+    n_seq_max: int = 1
+    n_rs_seq: int = 0
+    n_threads: int = 0
+    n_threads_batch: int = 0
+    embeddings: bool = False
+    mtp: bool = False
+    flash_attn: Optional[bool] = None
+    kv_unified: bool = True
+
+
+class NativeContext(_NativeHandle):
+    _kind = "context"
+
+    def __init__(self, model: NativeModel, config: ContextConfig,
+                 other: Optional["NativeContext"] = None) -> None:
+        params = lib.llama_context_default_params()
+        params.n_ctx = config.n_ctx
+        params.n_batch = config.n_batch
+        params.n_ubatch = config.n_ubatch
+        params.n_seq_max = config.n_seq_max
+        params.n_rs_seq = config.n_rs_seq
+        threads = config.n_threads or default_threads()
+        params.n_threads = threads
+        params.n_threads_batch = config.n_threads_batch or threads
+        params.embeddings = config.embeddings
+        params.kv_unified = config.kv_unified
+        params.no_perf = True
+        if config.flash_attn is not None:
+            params.flash_attn_type = (lib.LLAMA_FLASH_ATTN_TYPE_ENABLED if config.flash_attn
+                                      else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        if config.mtp:
+            params.ctx_type = lib.LLAMA_CONTEXT_TYPE_MTP
+        if other is not None:
+            params.ctx_other = other.ptr()
+        # Cancel flag read by C on every graph node: no Python, no GIL in that check.
+        self._abort_flag = ffi.new("int32_t *", 0)
+        params.abort_callback = lib.pmtp_abort_if_flag_set
+        params.abort_callback_data = self._abort_flag
+        with model.lock:
+            ptr = lib.llama_init_from_model(model.ptr(), params)
+        if ptr == ffi.NULL:
+            raise LlamaError("llama.cpp could not create the context (see the "
+                             "'pyllama_mtp.llama_cpp' log for the reason)")
+        super().__init__(ptr)
+        self.memory = lib.llama_get_memory(ptr)
+        self.n_ctx = int(lib.llama_n_ctx(ptr))
+        self.n_batch = int(lib.llama_n_batch(ptr))
+        self.n_ubatch = int(lib.llama_n_ubatch(ptr))
+        self.n_seq_max = int(lib.llama_n_seq_max(ptr))
+        self.n_rs_seq = int(lib.llama_n_rs_seq(ptr))
+        self.n_threads = threads
+
+    def _free(self, ptr: Any) -> None:
+        lib.llama_free(ptr)
+
+    # -- cancellation -----------------------------------------------------------------
+    def request_abort(self) -> None:
+        """Safe from any thread, without the lock: C reads the flag while decoding."""
+        self._abort_flag[0] = 1
+
+    def clear_abort(self) -> None:
+        self._abort_flag[0] = 0
+
+    # -- decoding ---------------------------------------------------------------------
+    def decode(self, tokens: np.ndarray, pos: np.ndarray, seq_ids: np.ndarray,
+               output: np.ndarray) -> None:
+        """Arrays must be validated, contiguous int32/int32/int32/int8 of one length."""
+        with self.lock:
+            status = lib.pmtp_decode_tokens(
+                self.ptr(), len(tokens),
+                ffi.cast("llama_token *", ffi.from_buffer(tokens)),
+                ffi.cast("llama_pos *", ffi.from_buffer(pos)),
+                ffi.cast("llama_seq_id *", ffi.from_buffer(seq_ids)),
+                ffi.cast("int8_t *", ffi.from_buffer(output)))
+            check_status(status, "decode")
+
+    def logits(self, index: int, n_vocab: int) -> np.ndarray:
+        with self.lock:
+            row = lib.llama_get_logits_ith(self.ptr(), index)
+            if row == ffi.NULL:
+                raise InvalidArgumentError(f"no logits for batch index {index}")
+            return np.frombuffer(ffi.buffer(row, 4 * n_vocab), dtype=np.float32).copy()
+
+    def embeddings(self, index: int, n_embd: int) -> np.ndarray:
+        with self.lock:
+            row = lib.llama_get_embeddings_ith(self.ptr(), index)
+            if row == ffi.NULL:
+                raise InvalidArgumentError(f"no embeddings for batch index {index}")
+            return np.frombuffer(ffi.buffer(row, 4 * n_embd), dtype=np.float32).copy()
+
+    def set_nextn_output(self, enabled: bool, masked: bool = True) -> None:
+        with self.lock:
+            lib.pmtp_set_embeddings_nextn(self.ptr(), enabled, masked)
+
+    def nextn_embeddings(self, index: int, n_embd: int) -> np.ndarray:
+        with self.lock:
+            row = lib.pmtp_get_embeddings_nextn_ith(self.ptr(), index)
+            if row == ffi.NULL:
+                raise InvalidArgumentError(f"no nextn hidden state for batch index {index}")
+            return np.frombuffer(ffi.buffer(row, 4 * n_embd), dtype=np.float32).copy()
+
+    def set_threads(self, n_threads: int, n_threads_batch: int) -> None:
+        with self.lock:
+            lib.llama_set_n_threads(self.ptr(), n_threads, n_threads_batch)
+
+    # -- memory -----------------------------------------------------------------------
+    def memory_clear(self) -> None:
+        with self.lock:
+            self.ptr()
+            lib.llama_memory_clear(self.memory, True)
+
+    def seq_rm(self, seq_id: int, p0: int, p1: int) -> bool:
+        with self.lock:
+            self.ptr()
+            return bool(lib.llama_memory_seq_rm(self.memory, seq_id, p0, p1))
+
+    def seq_cp(self, src: int, dst: int, p0: int, p1: int) -> None:
+        with self.lock:
+            self.ptr()
+            lib.llama_memory_seq_cp(self.memory, src, dst, p0, p1)
+
+    def seq_keep(self, seq_id: int) -> None:
+        with self.lock:
+            self.ptr()
+            lib.llama_memory_seq_keep(self.memory, seq_id)
+
+    def seq_pos_min(self, seq_id: int) -> int:
+        with self.lock:
+            self.ptr()
+            return int(lib.llama_memory_seq_pos_min(self.memory, seq_id))
+
+    def seq_pos_max(self, seq_id: int) -> int:
+        with self.lock:
+            self.ptr()
+            return int(lib.llama_memory_seq_pos_max(self.memory, seq_id))
+
+    def state_seq_get(self, seq_id: int) -> bytes:
+        with self.lock:
+            ptr = self.ptr()
+            size = lib.llama_state_seq_get_size(ptr, seq_id)
+            buf = ffi.new("uint8_t[]", max(size, 1))
+            written = lib.llama_state_seq_get_data(ptr, buf, size, seq_id)
+            if written == 0 and size != 0:
+                raise StateError(f"could not save the state of sequence {seq_id}")
+            return ffi.buffer(buf, written)[:]
+
+    def state_seq_set(self, data: bytes, seq_id: int) -> None:
+        with self.lock:
+            ptr = self.ptr()
+            read = lib.llama_state_seq_set_data(ptr, ffi.from_buffer(data), len(data), seq_id)
+            if read == 0:
+                raise StateError(f"could not restore the state of sequence {seq_id} "
+                                 "(data from another model or context shape?)")
+
+    def memory_breakdown(self) -> list[dict[str, Any]]:
+        with self.lock:
+            ptr = self.ptr()
+            capacity = 8
+            while True:
+                entries = ffi.new("pmtp_memory_entry[]", capacity)
+                n = check_status(lib.pmtp_memory_breakdown(ptr, entries, capacity), "memory breakdown")
+                if n <= capacity:
+                    break
+                capacity = n
+            return [{
+                "buffer_type": ffi.string(entries[i].buffer_type).decode(),
+                "model": int(entries[i].model),
+                "context": int(entries[i].context),
+                "compute": int(entries[i].compute),
+            } for i in range(n)]
+
+
+class NativeSampler(_NativeHandle):
+    """A llama.cpp sampler chain: greedy, or temperature / top-k / top-p / min-p / seeded dist."""
+
+    _kind = "sampler"
+
+    def __init__(self, *, temperature: float, top_k: int, top_p: float, min_p: float,
+                 seed: int) -> None:
+        chain_params = lib.llama_sampler_chain_default_params()
+        chain_params.no_perf = True
+        chain = lib.llama_sampler_chain_init(chain_params)
+        if temperature <= 0.0:
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
+        else:
+            if top_k > 0:
+                lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_k(top_k))
+            if top_p < 1.0:
+                lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(top_p, 1))
+            if min_p > 0.0:
+                lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_min_p(min_p, 1))
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(temperature))
+            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        super().__init__(chain)
+
+    def _free(self, ptr: Any) -> None:
+        lib.llama_sampler_free(ptr)
+
+    def sample(self, context: NativeContext, index: int) -> int:
+        # llama_sampler_sample also accepts the token into the chain's state.
+        with self.lock, context.lock:
+            return int(lib.llama_sampler_sample(self.ptr(), context.ptr(), index))
+
+    def reset(self) -> None:
+        with self.lock:
+            lib.llama_sampler_reset(self.ptr())
+
+
+def default_threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+

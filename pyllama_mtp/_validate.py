@@ -1,0 +1,51 @@
+"""Pre-validation of GGUF files before llama.cpp parses them.
+
+llama.cpp treats a model file as trusted in places (a failed GGML_ASSERT aborts the
+process). We read the file's structure with the ``gguf`` package first and reject
+what is inconsistent with a clear :class:`~pyllama_mtp.ModelLoadError`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .errors import ModelLoadError
+
+_GGUF_MAGIC = b"GGUF"
+
+
+def check_gguf_file(path: str) -> None:
+    """Raise ModelLoadError if ``path`` is not a structurally sound GGUF file."""
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc.strerror}") from exc
+    if magic != _GGUF_MAGIC:
+        raise ModelLoadError(f"{path} is not a GGUF file (magic {magic!r})")
+
+    from gguf import GGUFReader  # heavy import; only when a model is loaded
+
+    try:
+        reader = GGUFReader(path, "r")
+    except Exception as exc:  # noqa: BLE001 - any parse failure means a bad file
+        raise ModelLoadError(f"{path} is not a valid GGUF file: {exc}") from exc
+
+    file_size = os.path.getsize(path)
+    seen: set[str] = set()
+    for tensor in reader.tensors:
+        if tensor.name in seen:
+            raise ModelLoadError(f"{path}: tensor {tensor.name!r} appears twice")
+        seen.add(tensor.name)
+        shape = [int(d) for d in tensor.shape]
+        if any(d <= 0 for d in shape):
+            raise ModelLoadError(f"{path}: tensor {tensor.name!r} has shape {shape}")
+        end = int(tensor.data_offset) + int(tensor.n_bytes)
+        if end > file_size:
+            raise ModelLoadError(
+                f"{path}: tensor {tensor.name!r} ends at byte {end}, past the end of the file "
+                f"({file_size} bytes): the file is truncated or corrupt")
+        if int(np.prod(shape, dtype=np.float64)) != int(tensor.n_elements):
+            raise ModelLoadError(f"{path}: tensor {tensor.name!r} has inconsistent dimensions")

@@ -1,0 +1,270 @@
+"""``Context`` (KV cache, recurrent state, outputs) and ``Batch`` (tokens to evaluate)."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional, Sequence, Union
+
+import numpy as np
+
+from . import _lowlevel
+from ._resource import Resource
+from .errors import InvalidArgumentError, StateError
+from .model import Model
+
+IntArray = Union[Sequence[int], np.ndarray]
+
+
+def _int_array(values: IntArray, name: str) -> np.ndarray:
+    array = np.asarray(values)
+    if array.ndim != 1:
+        raise InvalidArgumentError(f"{name} must be one-dimensional, got shape {array.shape}")
+    if array.size and not np.issubdtype(array.dtype, np.integer):
+        raise InvalidArgumentError(f"{name} must hold integers, got dtype {array.dtype}")
+    return np.ascontiguousarray(array, dtype=np.int32)
+
+
+class Batch:
+    """Tokens to evaluate in one call: ids, positions, sequence ids and output flags.
+
+    Args:
+        tokens: token ids.
+        positions: one position per token; ``None`` continues each sequence where the
+            context's memory ends.
+        seq_ids: one sequence id per token, or a single id for all.
+        outputs: which tokens produce logits: ``None`` only the last, ``True`` all,
+            or one flag per token.
+
+    Everything is checked against the model and context before C sees it.
+    """
+
+    def __init__(self, tokens: IntArray, positions: Optional[IntArray] = None,
+                 seq_ids: Union[int, IntArray] = 0,
+                 outputs: Union[None, bool, Sequence[bool], np.ndarray] = None) -> None:
+        self.tokens = _int_array(tokens, "tokens")
+        n = len(self.tokens)
+        if n == 0:
+            raise InvalidArgumentError("a batch needs at least one token")
+        self.positions = None if positions is None else _int_array(positions, "positions")
+        if self.positions is not None and len(self.positions) != n:
+            raise InvalidArgumentError(f"{len(self.positions)} positions for {n} tokens")
+        if isinstance(seq_ids, (int, np.integer)):
+            self.seq_ids = np.full(n, int(seq_ids), dtype=np.int32)
+        else:
+            self.seq_ids = _int_array(seq_ids, "seq_ids")
+            if len(self.seq_ids) != n:
+                raise InvalidArgumentError(f"{len(self.seq_ids)} sequence ids for {n} tokens")
+        if outputs is None:
+            self.outputs = np.zeros(n, dtype=np.int8)
+            self.outputs[-1] = 1
+        elif outputs is True or outputs is False:
+            self.outputs = np.full(n, int(outputs), dtype=np.int8)
+        else:
+            flags = np.asarray(outputs)
+            if flags.shape != (n,):
+                raise InvalidArgumentError(f"outputs must have one flag per token ({n})")
+            self.outputs = np.ascontiguousarray(flags != 0, dtype=np.int8)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __repr__(self) -> str:
+        return f"<Batch {len(self)} tokens, {int(self.outputs.sum())} outputs>"
+
+
+class Context(Resource):
+    """A llama.cpp context on a :class:`Model`: memory for ``n_seq_max`` sequences.
+
+    Logits and hidden states are returned as **copies** (numpy float32 arrays): the
+    context reuses its output buffers on the next decode, so a view would silently
+    change under the caller.
+
+    All methods are thread-safe: calls on one context are serialised by its lock.
+    Use one context per thread for parallel decoding.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        *,
+        n_ctx: int = 2048,
+        n_batch: int = 512,
+        n_ubatch: Optional[int] = None,
+        n_seq_max: int = 1,
+        n_threads: Optional[int] = None,
+        n_threads_batch: Optional[int] = None,
+        embeddings: bool = False,
+        flash_attn: Optional[bool] = None,
+    ) -> None:
+        for name, value in (("n_ctx", n_ctx), ("n_batch", n_batch), ("n_seq_max", n_seq_max)):
+            if not isinstance(value, int) or value <= 0:
+                raise InvalidArgumentError(f"{name} must be a positive int, got {value!r}")
+        n_ubatch = n_batch if n_ubatch is None else n_ubatch
+        if not isinstance(n_ubatch, int) or not 0 < n_ubatch <= n_batch:
+            raise InvalidArgumentError(f"n_ubatch must be in [1, n_batch={n_batch}], got {n_ubatch!r}")
+        for name, value in (("n_threads", n_threads), ("n_threads_batch", n_threads_batch)):
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise InvalidArgumentError(f"{name} must be a positive int, got {value!r}")
+        self._model = model  # strong: a context keeps its model alive
+        config = _lowlevel.ContextConfig(
+            n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, n_seq_max=n_seq_max,
+            n_threads=n_threads or 0, n_threads_batch=n_threads_batch or 0,
+            embeddings=embeddings, flash_attn=flash_attn)
+        self._native = _lowlevel.NativeContext(model._native_model(), config)
+        self._embeddings = embeddings
+        self._last_outputs = np.zeros(0, dtype=np.int8)
+        model._adopt(self)
+        self._mark_open()
+
+    # -- lifetime ---------------------------------------------------------------------
+    def _release(self) -> None:
+        self._native.free()
+        self._model._child_closed(self)
+
+    @property
+    def model(self) -> Model:
+        return self._model
+
+    # -- sizes ------------------------------------------------------------------------
+    @property
+    def n_ctx(self) -> int:
+        return self._native.n_ctx
+
+    @property
+    def n_batch(self) -> int:
+        return self._native.n_batch
+
+    @property
+    def n_ubatch(self) -> int:
+        return self._native.n_ubatch
+
+    @property
+    def n_seq_max(self) -> int:
+        return self._native.n_seq_max
+
+    @property
+    def n_threads(self) -> int:
+        return self._native.n_threads
+
+    # -- decoding ---------------------------------------------------------------------
+    def _check_seq(self, seq_id: int) -> int:
+        if not isinstance(seq_id, (int, np.integer)) or not 0 <= seq_id < self.n_seq_max:
+            raise InvalidArgumentError(f"sequence id {seq_id!r} is outside [0, n_seq_max={self.n_seq_max})")
+        return int(seq_id)
+
+    def decode(self, batch: Union[Batch, IntArray], *, seq_id: int = 0) -> None:
+        """Evaluate a batch (or a list of tokens continuing sequence ``seq_id``).
+
+        Raises:
+            InvalidArgumentError: bad token id, sequence id, size or positions.
+            ContextFullError: no KV slot is free; nothing of the batch was kept.
+            AbortedError: :meth:`cancel` was called during the evaluation.
+        """
+        if not isinstance(batch, Batch):
+            batch = Batch(batch, seq_ids=self._check_seq(seq_id))
+        if len(batch) > self.n_batch:
+            raise InvalidArgumentError(f"batch of {len(batch)} tokens exceeds n_batch={self.n_batch}")
+        self._model.check_tokens(batch.tokens)
+        bad = np.flatnonzero((batch.seq_ids < 0) | (batch.seq_ids >= self.n_seq_max))
+        if bad.size:
+            raise InvalidArgumentError(
+                f"sequence id {int(batch.seq_ids[bad[0]])} at index {int(bad[0])} is outside "
+                f"[0, n_seq_max={self.n_seq_max})")
+        positions = batch.positions if batch.positions is not None else self._next_positions(batch.seq_ids)
+        if (positions < 0).any():
+            raise InvalidArgumentError("positions must be non-negative")
+        with self._native.lock:
+            self._native.clear_abort()
+            self._last_outputs = np.zeros(0, dtype=np.int8)
+            self._native.decode(batch.tokens, positions, batch.seq_ids, batch.outputs)
+            self._last_outputs = batch.outputs.copy()
+
+    def _next_positions(self, seq_ids: np.ndarray) -> np.ndarray:
+        positions = np.empty(len(seq_ids), dtype=np.int32)
+        for seq in np.unique(seq_ids):
+            where = np.flatnonzero(seq_ids == seq)
+            start = self._native.seq_pos_max(int(seq)) + 1
+            positions[where] = np.arange(start, start + len(where), dtype=np.int32)
+        return positions
+
+    def _output_index(self, index: int) -> int:
+        n = len(self._last_outputs)
+        if not isinstance(index, (int, np.integer)) or not -n <= index < n:
+            raise InvalidArgumentError(f"batch index {index!r} is outside the last batch ({n} tokens)")
+        index = int(index) % n
+        if not self._last_outputs[index]:
+            raise InvalidArgumentError(f"token {index} of the last batch was not marked as an output")
+        return index
+
+    def logits(self, index: int = -1) -> np.ndarray:
+        """Logits (copy, float32, ``n_vocab``) of output token ``index`` of the last batch."""
+        return self._native.logits(self._output_index(index), self._model.n_vocab)
+
+    def embeddings(self, index: int = -1) -> np.ndarray:
+        """Hidden state (copy, float32, ``n_embd``) of output token ``index``; needs ``embeddings=True``."""
+        if not self._embeddings:
+            raise InvalidArgumentError("create the context with embeddings=True to read hidden states")
+        return self._native.embeddings(self._output_index(index), self._model.n_embd)
+
+    def cancel(self) -> None:
+        """Stop a decode running in another thread (it raises AbortedError). Thread-safe."""
+        self._native.request_abort()
+
+    # -- memory -----------------------------------------------------------------------
+    def clear(self) -> None:
+        """Forget every sequence."""
+        self._native.memory_clear()
+
+    def seq_rm(self, seq_id: int, p0: int = 0, p1: Optional[int] = None) -> None:
+        """Remove positions [p0, p1) of a sequence (p1 None: to the end; seq_id -1: all sequences).
+
+        Raises StateError when the memory cannot cut a sequence there (recurrent state
+        keeps no history: only whole sequences, or the tail past a snapshot, can go).
+        """
+        if seq_id != -1:
+            self._check_seq(seq_id)
+        if p0 < 0 or (p1 is not None and p1 < p0):
+            raise InvalidArgumentError(f"invalid range [{p0}, {p1})")
+        if not self._native.seq_rm(int(seq_id), int(p0), -1 if p1 is None else int(p1)):
+            raise StateError(f"cannot remove positions [{p0}, {p1}) of sequence {seq_id} from this memory")
+
+    def seq_cp(self, src: int, dst: int, p0: int = 0, p1: Optional[int] = None) -> None:
+        """Share positions [p0, p1) of sequence ``src`` with sequence ``dst``."""
+        self._native.seq_cp(self._check_seq(src), self._check_seq(dst), int(p0), -1 if p1 is None else int(p1))
+
+    def seq_keep(self, seq_id: int) -> None:
+        """Drop every sequence but ``seq_id``."""
+        self._native.seq_keep(self._check_seq(seq_id))
+
+    def pos_max(self, seq_id: int = 0) -> int:
+        """Last position held for the sequence, -1 when empty."""
+        return self._native.seq_pos_max(self._check_seq(seq_id))
+
+    def pos_min(self, seq_id: int = 0) -> int:
+        return self._native.seq_pos_min(self._check_seq(seq_id))
+
+    def save_state(self, seq_id: int = 0) -> bytes:
+        """Serialise one sequence's memory (KV and recurrent state)."""
+        return self._native.state_seq_get(self._check_seq(seq_id))
+
+    def load_state(self, data: bytes, seq_id: int = 0) -> None:
+        """Restore a sequence saved by :meth:`save_state` (replacing what it held)."""
+        if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) == 0:
+            raise InvalidArgumentError("state data must be non-empty bytes")
+        self._native.state_seq_set(bytes(data), self._check_seq(seq_id))
+
+    def memory_breakdown(self) -> list[dict[str, Any]]:
+        """Bytes per buffer type: model weights, context (KV, recurrent state), compute."""
+        return self._native.memory_breakdown()
+
+    # -- generation -------------------------------------------------------------------
+    def generate(self, prompt: Union[str, Iterable[int]], *, max_tokens: int = 128,
+                 sampler: Any = None, seq_id: int = 0, stop_at_eog: bool = True) -> Any:
+        """Stream generated token ids; see :func:`pyllama_mtp.generation.generate`."""
+        from .generation import generate
+
+        return generate(self, prompt, max_tokens=max_tokens, sampler=sampler,
+                        seq_id=seq_id, stop_at_eog=stop_at_eog)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"n_ctx={self.n_ctx}, n_seq_max={self.n_seq_max}"
+        return f"<Context ({state})>"

@@ -1,0 +1,772 @@
+"""Tiny, deterministic GGUF test models with MTP ("nextn") heads.
+
+The models are written with the ``gguf`` package from seeded numpy weights, load in
+the pinned llama.cpp and decode a few thousand tokens a second on one CPU core.
+
+How the weights make MTP acceptance tunable
+-------------------------------------------
+Random weights would make an MTP head agree with the trunk almost never, so the
+weights follow a *successor rule*:
+
+* ``succ`` is a random permutation of the ordinary (non-special) tokens; it is stored
+  in the file under the key ``pyllama_mtp.fixture.succ`` (see :func:`successor_map`).
+* The residual stream starts as the embedding ``E[t]`` of the current token ``t``; the
+  untied output head has row ``succ(t)`` equal to ``E[t]`` (unit-normalised), so a
+  hidden state close to ``E[t]`` scores ``succ(t)`` highest.
+* Every attention / gated-delta-net / FFN block adds a context-dependent term whose
+  output projection is scaled by ``eps``. With small ``eps`` the greedy next token is
+  ``succ(t)``; as ``eps`` grows, context (attention over the KV cache, the recurrent
+  delta-net state and its short convolution) overrides the rule at some positions, and
+  the next token depends on the whole history. A KV-cache or recurrent-state rollback
+  mistake therefore changes the output.
+* The MTP block sees the trunk's hidden state at position ``t`` and the embedding of
+  token ``t+1``; its ``eh_proj`` passes the embedding half through and the block's own
+  attention / FFN are weak, so the head predicts ``succ(x[t+1])``. It agrees with the
+  trunk exactly where context did not override the rule, so the MTP acceptance rate is
+  about the rule-agreement rate measured by :func:`measure_rule_agreement`.
+
+Measured eps -> agreement (:func:`measure_rule_agreement` with its defaults: 3 prompts
+x 200 greedy tokens; n_embd 64, 4 trunk layers, f32; pinned llama.cpp on CPU; mean of
+seeds 0, 1, 2, the seed-to-seed spread is a few points, up to ~0.08 on the steep part).
+``acceptance=`` maps to ``eps`` by interpolating these rows (:data:`EPS_TABLE`); other
+sizes shift the curve, so tests should measure rather than assume.
+
+=====  ======  =======
+eps    qwen35  glm4moe
+=====  ======  =======
+0.5    1.000   1.000
+0.75   -       1.000
+1.0    0.998   0.974
+1.25   0.980   0.896
+1.5    0.945   0.744
+1.75   0.849   0.583
+2.0    0.770   0.461
+2.25   0.623   -
+2.5    0.530   0.280
+3.0    0.373   0.151
+4.0    0.180   -
+=====  ======  =======
+
+The trunk does not depend on ``mtp``: for one seed and eps, ``mtp=True`` and
+``mtp=False`` write the same trunk tensors (the MTP block is drawn last).
+
+Numerics: near-ties between the top two logits are rare but not absent (about 1% of
+greedy steps have a top-2 margin under 0.01). On CPU, flash attention (the default
+``AUTO``) moves logits by up to ~0.3 between a batched and a one-token-at-a-time
+decode of the same sequence, enough to flip the greedy token at ~0.1-0.2% of steps for
+glm4moe; with flash attention disabled the difference stays under ~4e-3 and no flips
+were seen in 900 steps per arch. Tests that compare a speculative run with a plain
+greedy run token for token should disable flash attention and keep runs moderate.
+
+Context sensitivity (measured at the 0.75 defaults): replacing one token 2-10 positions
+back in a 100-300 token history changes the greedy continuation within 30 tokens in
+~100% of trials for qwen35 and ~85% for glm4moe; prompts with the same last token but
+different history diverge at the first generated token. The model's real MTP head
+(:func:`measure_mtp_agreement`, an ``LLAMA_CONTEXT_TYPE_MTP`` context fed the trunk's
+``h_nextn``) agrees with the trunk at the same rate as the rule proxy (within ~0.02).
+
+llama.cpp notes: ``llama_model_n_layer`` counts trunk layers only; an MTP file loaded
+with ``load_mtp = false`` still reports ``llama_model_n_layer_nextn == 1`` (the MTP
+tensors are skipped with "unused tensor" warnings), and creating an MTP context from
+such a model aborts the process in ``graph_mtp`` (GGML_ASSERT on ``nextn.eh_proj``)
+instead of returning NULL; an MTP context on a model without MTP layers returns NULL.
+
+Public API: :func:`make_model`, :func:`successor_map`, :func:`fixture_info`,
+:func:`byte_vocab`, :func:`greedy_generate`, :func:`measure_rule_agreement`,
+:func:`measure_mtp_agreement`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import tempfile
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+__all__ = [
+    "GENERATOR_VERSION",
+    "ARCHES",
+    "EPS_TABLE",
+    "SUCC_KEY",
+    "make_model",
+    "eps_for_acceptance",
+    "successor_map",
+    "fixture_info",
+    "byte_vocab",
+    "greedy_generate",
+    "measure_rule_agreement",
+    "measure_mtp_agreement",
+]
+
+#: Bump whenever the bytes written for a given parameter set change.
+GENERATOR_VERSION = 1
+
+ARCHES = ("qwen35", "glm4moe")
+
+#: GGUF key holding the successor permutation (int32 array over the ordinary tokens).
+SUCC_KEY = "pyllama_mtp.fixture.succ"
+_INFO_KEY = "pyllama_mtp.fixture.info"
+
+#: Measured eps -> rule agreement (acceptance proxy), ascending eps. See module doc.
+EPS_TABLE: Dict[str, List[Tuple[float, float]]] = {
+    "qwen35": [(0.5, 1.0), (1.0, 0.998), (1.25, 0.98), (1.5, 0.945), (1.75, 0.849), (2.0, 0.77),
+               (2.25, 0.623), (2.5, 0.53), (3.0, 0.373), (4.0, 0.18)],
+    "glm4moe": [(0.75, 1.0), (1.0, 0.974), (1.25, 0.896), (1.5, 0.744), (1.75, 0.583), (2.0, 0.461),
+                (2.5, 0.28), (3.0, 0.151)],
+}
+
+_DEFAULT_ACCEPTANCE = 0.75
+
+# ---------------------------------------------------------------------------
+# Tokenizer: byte-level BPE (GPT-2 byte-to-unicode), a few merges, BOS/EOS.
+# ---------------------------------------------------------------------------
+
+_MERGES = ("Ġ t", "h e", "i n", "e r", "Ġ a")
+_BOS_TEXT = "<|startoftext|>"
+_EOS_TEXT = "<|endoftext|>"
+
+
+def _bytes_to_unicode() -> Dict[int, str]:
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def byte_vocab() -> Tuple[List[str], List[int], int, int, int]:
+    """The fixture vocabulary: ``(tokens, token_types, n_ordinary, bos_id, eos_id)``.
+
+    Ids 0..255 are the bytes 0..255 (GPT-2 byte-to-unicode text), then one token per
+    merge, then BOS and EOS (control tokens). ``n_ordinary`` counts the non-special ones.
+    """
+    b2u = _bytes_to_unicode()
+    tokens = [b2u[b] for b in range(256)]
+    tokens += [m.replace(" ", "") for m in _MERGES]
+    n_ordinary = len(tokens)
+    tokens += [_BOS_TEXT, _EOS_TEXT]
+    types = [1] * n_ordinary + [3, 3]  # NORMAL, CONTROL
+    return tokens, types, n_ordinary, n_ordinary, n_ordinary + 1
+
+
+# ---------------------------------------------------------------------------
+# Model construction
+# ---------------------------------------------------------------------------
+
+_HEAD_DIM = 16
+_N_ROT = 8
+_ROPE_SECTIONS = [2, 1, 1, 0]
+_SSM_STATE = 16
+_SSM_GROUPS = 2
+_CONV_KERNEL = 4
+_N_CTX_TRAIN = 4096
+_RMS_EPS = 1e-6
+_LOGIT_GAIN = 1.0  # top logit ~ 8 * gain with n_embd 64
+# q/k norm weights: attention sharp enough to pick out specific tokens (sharper also
+# amplifies flash-attention's f16 rounding, see the module doc)
+_QK_GAIN = {"qwen35": 1.5, "glm4moe": 2.0}
+_FFN_EPS_RATIO = 0.5  # FFN output projections are scaled by eps * this
+_MTP_WEAK = 0.05  # scale of the MTP block's own attention / FFN output projections
+_MTP_H_MIX = 0.1  # how much of the trunk hidden state eh_proj lets through
+
+# GLM-4.5-style MoE sizes
+_N_EXPERT = 4
+_N_EXPERT_USED = 2
+_N_EXPERT_SHARED = 1
+_N_DENSE_LEAD = 1
+_ROUTED_RATIO = 0.3  # routed experts are weaker than the shared one: a near-tie routing flip moves little
+
+
+def _cache_dir(cache_dir: Optional[Union[str, os.PathLike]]) -> pathlib.Path:
+    if cache_dir is not None:
+        return pathlib.Path(cache_dir)
+    env = os.environ.get("PYLLAMA_MTP_CACHE")
+    if env:
+        return pathlib.Path(env)
+    return pathlib.Path.home() / ".cache" / "pyllama_mtp" / "models"
+
+
+def eps_for_acceptance(arch: str, acceptance: float) -> float:
+    """The ``eps`` whose measured rule agreement (:data:`EPS_TABLE`) is ``acceptance``."""
+    if arch not in EPS_TABLE:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHES}")
+    if not 0.0 < acceptance <= 1.0:
+        raise ValueError("acceptance must be in (0, 1]")
+    table = EPS_TABLE[arch]
+    eps = np.array([e for e, _ in table], dtype=np.float64)
+    agr = np.array([a for _, a in table], dtype=np.float64)
+    lo, hi = float(agr.min()), float(agr.max())
+    if not lo <= acceptance <= hi:
+        raise ValueError(
+            f"acceptance {acceptance} is outside the measured range [{lo:.2f}, {hi:.2f}] for {arch}; "
+            "pass eps= directly"
+        )
+    # agreement falls as eps grows: interpolate on the reversed (ascending) table
+    return round(float(np.interp(acceptance, agr[::-1], eps[::-1])), 4)
+
+
+class _W:
+    """Seeded weight factory (numpy order: out x in, i.e. ggml shapes reversed)."""
+
+    def __init__(self, seed: int, ftype: str):
+        self.rng = np.random.default_rng(seed)
+        self.ftype = ftype
+        self.tensors: Dict[str, np.ndarray] = {}
+
+    def lin(self, n_out: int, n_in: int, scale: float = 1.0) -> np.ndarray:
+        return (self.rng.standard_normal((n_out, n_in)) * (scale / np.sqrt(n_in))).astype(np.float32)
+
+    def ones(self, n: int, value: float = 1.0) -> np.ndarray:
+        return np.full((n,), value, dtype=np.float32)
+
+    def add(self, name: str, arr: np.ndarray, keep_f32: bool = False) -> None:
+        arr = np.ascontiguousarray(arr, dtype=np.float32)
+        if self.ftype == "f16" and arr.ndim >= 2 and not keep_f32:
+            arr = arr.astype(np.float16)
+        self.tensors[name] = arr
+
+
+def _common_head(w: _W, n_embd: int, n_vocab: int, n_ordinary: int) -> Tuple[np.ndarray, np.ndarray]:
+    """token_embd, output head and the successor permutation."""
+    emb = w.rng.standard_normal((n_vocab, n_embd)).astype(np.float32)
+    succ = w.rng.permutation(n_ordinary).astype(np.int32)
+    unit = emb[:n_ordinary] / np.linalg.norm(emb[:n_ordinary], axis=1, keepdims=True)
+    out = np.zeros((n_vocab, n_embd), dtype=np.float32)  # special tokens: logit 0, never the max
+    out[succ] = unit * _LOGIT_GAIN  # row succ[t] = E[t]: hidden ~ E[t] -> succ[t] wins
+    w.add("token_embd.weight", emb)
+    w.add("output_norm.weight", w.ones(n_embd))
+    w.add("output.weight", out)
+    return out, succ
+
+
+def _dense_ffn(w: _W, p: str, n_embd: int, n_ff: int, out_scale: float) -> None:
+    w.add(f"{p}.ffn_gate.weight", w.lin(n_ff, n_embd))
+    w.add(f"{p}.ffn_up.weight", w.lin(n_ff, n_embd))
+    w.add(f"{p}.ffn_down.weight", w.lin(n_embd, n_ff, out_scale))
+
+
+def _nextn(w: _W, p: str, n_embd: int) -> None:
+    eh = np.concatenate([np.eye(n_embd, dtype=np.float32), w.lin(n_embd, n_embd, _MTP_H_MIX)], axis=1)
+    w.add(f"{p}.nextn.eh_proj.weight", eh)  # ggml {2*n_embd, n_embd}: [embedding half | hidden half]
+    w.add(f"{p}.nextn.enorm.weight", w.ones(n_embd))
+    w.add(f"{p}.nextn.hnorm.weight", w.ones(n_embd))
+
+
+def _build_qwen35(w: _W, n_embd: int, n_layer: int, mtp: bool, eps: float, n_vocab: int, n_ordinary: int):
+    n_head = n_embd // _HEAD_DIM
+    n_head_kv = max(1, n_head // 2)
+    n_ff = 2 * n_embd
+    dt_rank = n_embd // _SSM_STATE  # value heads
+    d_inner = dt_rank * _SSM_STATE
+    key_dim = _SSM_GROUPS * _SSM_STATE
+    conv_dim = 2 * key_dim + d_inner
+    interval = 2
+
+    out, succ = _common_head(w, n_embd, n_vocab, n_ordinary)
+
+    def attn_block(p: str, out_scale: float) -> None:
+        # joint Q + gate projection: per head [q(16) | gate(16)]
+        w.add(f"{p}.attn_q.weight", w.lin(2 * n_head * _HEAD_DIM, n_embd))
+        w.add(f"{p}.attn_k.weight", w.lin(n_head_kv * _HEAD_DIM, n_embd))
+        w.add(f"{p}.attn_v.weight", w.lin(n_head_kv * _HEAD_DIM, n_embd))
+        w.add(f"{p}.attn_output.weight", w.lin(n_embd, n_head * _HEAD_DIM, out_scale))
+        w.add(f"{p}.attn_q_norm.weight", w.ones(_HEAD_DIM, _QK_GAIN["qwen35"]))
+        w.add(f"{p}.attn_k_norm.weight", w.ones(_HEAD_DIM, _QK_GAIN["qwen35"]))
+
+    for il in range(n_layer):
+        p = f"blk.{il}"
+        w.add(f"{p}.attn_norm.weight", w.ones(n_embd))
+        w.add(f"{p}.post_attention_norm.weight", w.ones(n_embd))
+        if (il + 1) % interval != 0:  # gated delta net
+            w.add(f"{p}.attn_qkv.weight", w.lin(conv_dim, n_embd))
+            w.add(f"{p}.attn_gate.weight", w.lin(d_inner, n_embd))
+            w.add(f"{p}.ssm_conv1d.weight", (0.5 * w.rng.standard_normal((conv_dim, _CONV_KERNEL))).astype(np.float32), keep_f32=True)
+            w.add(f"{p}.ssm_dt.bias", np.zeros(dt_rank, dtype=np.float32))
+            # ssm_a = -exp(A_log): per-step decay exp(softplus(.) * a) between ~0.97 and ~0.7
+            w.add(f"{p}.ssm_a", -w.rng.uniform(0.05, 0.5, dt_rank).astype(np.float32))
+            w.add(f"{p}.ssm_beta.weight", w.lin(dt_rank, n_embd))
+            w.add(f"{p}.ssm_alpha.weight", w.lin(dt_rank, n_embd, 0.5))
+            w.add(f"{p}.ssm_norm.weight", w.ones(_SSM_STATE))
+            w.add(f"{p}.ssm_out.weight", w.lin(n_embd, d_inner, eps))
+        else:
+            attn_block(p, eps)
+        _dense_ffn(w, p, n_embd, n_ff, eps * _FFN_EPS_RATIO)
+
+    if mtp:
+        p = f"blk.{n_layer}"
+        w.add(f"{p}.attn_norm.weight", w.ones(n_embd))
+        w.add(f"{p}.post_attention_norm.weight", w.ones(n_embd))
+        attn_block(p, _MTP_WEAK)
+        _dense_ffn(w, p, n_embd, n_ff, _MTP_WEAK)
+        _nextn(w, p, n_embd)
+
+    kv = {
+        "context_length": ("u32", _N_CTX_TRAIN),
+        "embedding_length": ("u32", n_embd),
+        "block_count": ("u32", n_layer + (1 if mtp else 0)),
+        "feed_forward_length": ("u32", n_ff),
+        "attention.head_count": ("u32", n_head),
+        "attention.head_count_kv": ("u32", n_head_kv),
+        "attention.key_length": ("u32", _HEAD_DIM),
+        "attention.value_length": ("u32", _HEAD_DIM),
+        "attention.layer_norm_rms_epsilon": ("f32", _RMS_EPS),
+        "rope.dimension_count": ("u32", _N_ROT),
+        "rope.dimension_sections": ("i32[]", _ROPE_SECTIONS),
+        "rope.freq_base": ("f32", 10000.0),
+        "ssm.conv_kernel": ("u32", _CONV_KERNEL),
+        "ssm.inner_size": ("u32", d_inner),
+        "ssm.state_size": ("u32", _SSM_STATE),
+        "ssm.time_step_rank": ("u32", dt_rank),
+        "ssm.group_count": ("u32", _SSM_GROUPS),
+        "full_attention_interval": ("u32", interval),
+    }
+    if mtp:
+        kv["nextn_predict_layers"] = ("u32", 1)
+    return kv, succ
+
+
+def _build_glm4moe(w: _W, n_embd: int, n_layer: int, mtp: bool, eps: float, n_vocab: int, n_ordinary: int):
+    n_head = n_embd // _HEAD_DIM
+    n_head_kv = max(1, n_head // 2)
+    n_ff = 2 * n_embd
+    n_ff_exp = n_embd // 2
+    n_q = n_head * _HEAD_DIM
+    n_kv = n_head_kv * _HEAD_DIM
+
+    out, succ = _common_head(w, n_embd, n_vocab, n_ordinary)
+
+    def block(il: int, attn_scale: float, ffn_scale: float) -> None:
+        p = f"blk.{il}"
+        w.add(f"{p}.attn_norm.weight", w.ones(n_embd))
+        w.add(f"{p}.post_attention_norm.weight", w.ones(n_embd))
+        w.add(f"{p}.attn_q.weight", w.lin(n_q, n_embd))
+        w.add(f"{p}.attn_k.weight", w.lin(n_kv, n_embd))
+        w.add(f"{p}.attn_v.weight", w.lin(n_kv, n_embd))
+        w.add(f"{p}.attn_q.bias", (0.1 * w.rng.standard_normal(n_q)).astype(np.float32))
+        w.add(f"{p}.attn_k.bias", (0.1 * w.rng.standard_normal(n_kv)).astype(np.float32))
+        w.add(f"{p}.attn_v.bias", (0.1 * w.rng.standard_normal(n_kv)).astype(np.float32))
+        w.add(f"{p}.attn_output.weight", w.lin(n_embd, n_q, attn_scale))
+        w.add(f"{p}.attn_q_norm.weight", w.ones(_HEAD_DIM, _QK_GAIN["glm4moe"]))
+        w.add(f"{p}.attn_k_norm.weight", w.ones(_HEAD_DIM, _QK_GAIN["glm4moe"]))
+        if il < _N_DENSE_LEAD:
+            _dense_ffn(w, p, n_embd, n_ff, ffn_scale)
+        else:
+            w.add(f"{p}.ffn_gate_inp.weight", w.lin(_N_EXPERT, n_embd), keep_f32=True)
+            w.add(f"{p}.exp_probs_b.bias", np.zeros(_N_EXPERT, dtype=np.float32))
+            gate = np.stack([w.lin(n_ff_exp, n_embd) for _ in range(_N_EXPERT)])
+            up = np.stack([w.lin(n_ff_exp, n_embd) for _ in range(_N_EXPERT)])
+            down = np.stack([w.lin(n_embd, n_ff_exp, ffn_scale * _ROUTED_RATIO) for _ in range(_N_EXPERT)])
+            w.add(f"{p}.ffn_gate_exps.weight", gate)  # ggml {n_embd, n_ff_exp, n_expert}
+            w.add(f"{p}.ffn_up_exps.weight", up)
+            w.add(f"{p}.ffn_down_exps.weight", down)  # ggml {n_ff_exp, n_embd, n_expert}
+            n_ff_sh = n_ff_exp * _N_EXPERT_SHARED
+            _dense_ffn_named(w, p, n_embd, n_ff_sh, ffn_scale, "shexp")
+
+    for il in range(n_layer):
+        block(il, eps, eps * _FFN_EPS_RATIO)
+
+    if mtp:
+        block(n_layer, _MTP_WEAK, _MTP_WEAK)
+        p = f"blk.{n_layer}"
+        _nextn(w, p, n_embd)
+        # GLM-4.5 MTP blocks carry their own head norm and LM head (optional in the loader)
+        w.add(f"{p}.nextn.shared_head_norm.weight", w.ones(n_embd))
+        w.add(f"{p}.nextn.shared_head_head.weight", out.copy())
+
+    kv = {
+        "context_length": ("u32", _N_CTX_TRAIN),
+        "embedding_length": ("u32", n_embd),
+        "block_count": ("u32", n_layer + (1 if mtp else 0)),
+        "feed_forward_length": ("u32", n_ff),
+        "expert_feed_forward_length": ("u32", n_ff_exp),
+        "attention.head_count": ("u32", n_head),
+        "attention.head_count_kv": ("u32", n_head_kv),
+        "attention.key_length": ("u32", _HEAD_DIM),
+        "attention.value_length": ("u32", _HEAD_DIM),
+        "attention.layer_norm_rms_epsilon": ("f32", _RMS_EPS),
+        "rope.dimension_count": ("u32", _N_ROT),
+        "rope.freq_base": ("f32", 10000.0),
+        "expert_count": ("u32", _N_EXPERT),
+        "expert_used_count": ("u32", _N_EXPERT_USED),
+        "expert_shared_count": ("u32", _N_EXPERT_SHARED),
+        "leading_dense_block_count": ("u32", _N_DENSE_LEAD),
+        "expert_weights_scale": ("f32", 1.0),
+        "expert_weights_norm": ("bool", True),
+        "expert_gating_func": ("u32", 2),  # sigmoid
+    }
+    if mtp:
+        kv["nextn_predict_layers"] = ("u32", 1)
+    return kv, succ
+
+
+def _dense_ffn_named(w: _W, p: str, n_embd: int, n_ff: int, out_scale: float, suffix: str) -> None:
+    w.add(f"{p}.ffn_gate_{suffix}.weight", w.lin(n_ff, n_embd))
+    w.add(f"{p}.ffn_up_{suffix}.weight", w.lin(n_ff, n_embd))
+    w.add(f"{p}.ffn_down_{suffix}.weight", w.lin(n_embd, n_ff, out_scale))
+
+
+_BUILDERS = {"qwen35": _build_qwen35, "glm4moe": _build_glm4moe}
+
+
+def make_model(
+    arch: str = "qwen35",
+    *,
+    mtp: bool = True,
+    acceptance: Optional[float] = None,
+    eps: Optional[float] = None,
+    n_embd: int = 64,
+    n_layer: int = 4,
+    seed: int = 0,
+    cache_dir: Optional[Union[str, os.PathLike]] = None,
+    ftype: str = "f32",
+) -> pathlib.Path:
+    """Write (or reuse) a tiny GGUF model and return its path.
+
+    ``arch``: ``"qwen35"`` (gated-delta-net layers alternating with gated full
+    attention, one appended MTP block) or ``"glm4moe"`` (attention-only, one leading
+    dense layer then tiny MoE layers with a shared expert, one appended MoE MTP block).
+    ``mtp=False`` omits the MTP block and the ``nextn_predict_layers`` key.
+
+    ``acceptance`` (default 0.75 when ``eps`` is not given) picks ``eps`` from the
+    measured :data:`EPS_TABLE`; ``eps`` sets the context-mixing scale directly (0 gives a
+    trunk that follows the successor rule everywhere). Give one or the other.
+
+    ``n_embd`` must be a multiple of 32; ``ftype`` is ``"f32"`` or ``"f16"`` (norms, the
+    conv kernel and the MoE router stay f32). The file lands in ``cache_dir`` (default
+    ``$PYLLAMA_MTP_CACHE`` or ``~/.cache/pyllama_mtp/models``) under a name keyed by
+    every parameter and :data:`GENERATOR_VERSION`; an existing file is reused.
+    """
+    if arch not in _BUILDERS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHES}")
+    if acceptance is not None and eps is not None:
+        raise ValueError("give acceptance or eps, not both")
+    if eps is None:
+        eps = eps_for_acceptance(arch, _DEFAULT_ACCEPTANCE if acceptance is None else acceptance)
+    eps = float(eps)
+    if eps < 0:
+        raise ValueError("eps must be >= 0")
+    if n_embd < 32 or n_embd % 32:
+        raise ValueError("n_embd must be a positive multiple of 32")
+    if n_layer < 2:
+        raise ValueError("n_layer must be >= 2")
+    if ftype not in ("f32", "f16"):
+        raise ValueError("ftype must be 'f32' or 'f16'")
+
+    params = dict(arch=arch, mtp=bool(mtp), eps=round(eps, 6), n_embd=n_embd, n_layer=n_layer,
+                  seed=int(seed), ftype=ftype, v=GENERATOR_VERSION)
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
+    name = (f"{arch}-{'mtp' if mtp else 'nomtp'}-eps{eps:g}-e{n_embd}-l{n_layer}-s{seed}-{ftype}"
+            f"-g{GENERATOR_VERSION}-{digest}.gguf")
+    directory = _cache_dir(cache_dir)
+    path = directory / name
+    if path.is_file():
+        return path
+    directory.mkdir(parents=True, exist_ok=True)
+
+    tokens, types, n_ordinary, bos, eos = byte_vocab()
+    w = _W(seed, ftype)
+    kv, succ = _BUILDERS[arch](w, n_embd, n_layer, bool(mtp), eps, len(tokens), n_ordinary)
+
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".gguf", dir=directory)
+    os.close(fd)
+    try:
+        _write_gguf(tmp, arch, kv, w.tensors, tokens, types, bos, eos, succ, params, ftype)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+def _write_gguf(path, arch, kv, tensors, tokens, types, bos, eos, succ, params, ftype) -> None:
+    import gguf
+
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_name(f"pyllama_mtp fixture {arch}")
+    writer.add_file_type(1 if ftype == "f16" else 0)
+    for key, (kind, value) in kv.items():
+        full = f"{arch}.{key}"
+        if kind == "u32":
+            writer.add_uint32(full, int(value))
+        elif kind == "f32":
+            writer.add_float32(full, float(value))
+        elif kind == "bool":
+            writer.add_bool(full, bool(value))
+        elif kind == "i32[]":
+            writer.add_array(full, [int(v) for v in value])
+        else:  # pragma: no cover - internal table
+            raise AssertionError(kind)
+
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(list(_MERGES))
+    writer.add_bos_token_id(bos)
+    writer.add_eos_token_id(eos)
+    writer.add_add_bos_token(False)
+
+    writer.add_array(SUCC_KEY, [int(s) for s in succ])
+    writer.add_string(_INFO_KEY, json.dumps(params, sort_keys=True))
+
+    for name, arr in tensors.items():
+        writer.add_tensor(name, arr)
+
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+# ---------------------------------------------------------------------------
+# Reading fixture metadata back
+# ---------------------------------------------------------------------------
+
+
+def _read_field(path, key):
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    field = reader.get_field(key)
+    if field is None:
+        raise KeyError(f"{path} has no {key} (not a pyllama_mtp fixture?)")
+    return field
+
+
+def successor_map(path: Union[str, os.PathLike]) -> np.ndarray:
+    """``succ`` of a fixture: ``succ[t]`` is the rule's next token after ordinary token ``t``."""
+    field = _read_field(path, SUCC_KEY)
+    return np.array([int(field.parts[i][0]) for i in field.data], dtype=np.int64)
+
+
+def fixture_info(path: Union[str, os.PathLike]) -> dict:
+    """The generator parameters stored in a fixture (arch, mtp, eps, n_embd, ...)."""
+    field = _read_field(path, _INFO_KEY)
+    return json.loads(bytes(field.parts[field.data[0]]).decode())
+
+
+# ---------------------------------------------------------------------------
+# Measurement with plain llama.cpp calls
+# ---------------------------------------------------------------------------
+
+_DEFAULT_PROMPTS = ("The quick brown fox", "hello world, ", "In the beginning")
+
+
+class _Runner:
+    """Minimal owner of one model and its contexts (plain llama.h calls)."""
+
+    def __init__(self, path, *, load_mtp: bool = True, n_threads: int = 1):
+        # load_mtp: loading the MTP block (when present) costs little and avoids
+        # llama.cpp's "unused tensor" warnings; the trunk graph ignores it.
+        from ._ffi import ffi, lib
+
+        self.ffi, self.lib = ffi, lib
+        mp = lib.llama_model_default_params()
+        mp.n_gpu_layers = 0
+        mp.load_mtp = load_mtp
+        self.model = lib.llama_model_load_from_file(str(path).encode(), mp)
+        if self.model == ffi.NULL:
+            raise RuntimeError(f"llama.cpp failed to load {path}")
+        self.vocab = lib.llama_model_get_vocab(self.model)
+        self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
+        self.n_threads = n_threads
+        self.contexts = []
+
+    def context(self, n_ctx: int = 512, *, mtp: bool = False):
+        cp = self.lib.llama_context_default_params()
+        cp.n_ctx = n_ctx
+        cp.n_batch = n_ctx
+        cp.n_ubatch = n_ctx
+        cp.n_seq_max = 1
+        cp.n_threads = self.n_threads
+        cp.n_threads_batch = self.n_threads
+        if mtp:
+            cp.ctx_type = self.lib.LLAMA_CONTEXT_TYPE_MTP
+        ctx = self.lib.llama_init_from_model(self.model, cp)
+        if ctx == self.ffi.NULL:
+            raise RuntimeError("llama.cpp failed to create a context")
+        self.contexts.append(ctx)
+        return ctx
+
+    def tokenize(self, text: Union[str, bytes]) -> List[int]:
+        data = text.encode() if isinstance(text, str) else bytes(text)
+        cap = len(data) + 8
+        buf = self.ffi.new("llama_token[]", cap)
+        n = self.lib.llama_tokenize(self.vocab, data, len(data), buf, cap, False, False)
+        if n < 0:
+            raise RuntimeError("tokenize failed")
+        return list(buf[0:n])
+
+    def piece(self, token: int) -> bytes:
+        buf = self.ffi.new("char[]", 64)
+        n = self.lib.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
+        return self.ffi.buffer(buf, n)[:]
+
+    def decode(self, ctx, tokens: Sequence[int], pos0: int, *, embd=None, last_only: bool = True) -> None:
+        ffi = self.ffi
+        n = len(tokens)
+        tok = ffi.new("llama_token[]", list(tokens))
+        pos = ffi.new("llama_pos[]", list(range(pos0, pos0 + n)))
+        nseq = ffi.new("int32_t[]", [1] * n)
+        seq0 = ffi.new("llama_seq_id[]", [0])
+        seqs = ffi.new("llama_seq_id *[]", [seq0] * n)
+        logits = ffi.new("int8_t[]", [1 if (i == n - 1 or not last_only) else 0 for i in range(n)])
+        batch = ffi.new("llama_batch *")
+        batch.n_tokens = n
+        batch.token = tok
+        batch.pos = pos
+        batch.n_seq_id = nseq
+        batch.seq_id = seqs
+        batch.logits = logits
+        keep = None
+        if embd is not None:
+            keep = ffi.new("float[]", np.ascontiguousarray(embd, dtype=np.float32).ravel().tolist())
+            batch.embd = keep
+        rc = self.lib.llama_decode(ctx, batch[0])
+        if rc != 0:
+            raise RuntimeError(f"llama_decode returned {rc}")
+
+    def logits(self, ctx, i: int = -1) -> np.ndarray:
+        ptr = self.lib.llama_get_logits_ith(ctx, i)
+        if ptr == self.ffi.NULL:
+            raise RuntimeError("no logits")
+        return np.frombuffer(self.ffi.buffer(ptr, 4 * self.n_vocab), dtype=np.float32).copy()
+
+    def close(self) -> None:
+        for ctx in self.contexts:
+            self.lib.llama_free(ctx)
+        self.contexts = []
+        if self.model is not None and self.model != self.ffi.NULL:
+            self.lib.llama_model_free(self.model)
+        self.model = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _prompt_tokens(runner: _Runner, prompt: Union[str, bytes, Sequence[int]]) -> List[int]:
+    if isinstance(prompt, (str, bytes)):
+        return runner.tokenize(prompt)
+    return [int(t) for t in prompt]
+
+
+def greedy_generate(
+    path: Union[str, os.PathLike],
+    prompt: Union[str, bytes, Sequence[int]] = "The quick brown fox",
+    n_tokens: int = 200,
+    *,
+    n_ctx: int = 512,
+) -> List[int]:
+    """Greedy continuation (token ids) decoded one token at a time with plain llama.cpp calls."""
+    with _Runner(path) as r:
+        toks = _prompt_tokens(r, prompt)
+        ctx = r.context(max(n_ctx, len(toks) + n_tokens + 1))
+        r.decode(ctx, toks, 0)
+        out: List[int] = []
+        pos = len(toks)
+        for _ in range(n_tokens):
+            nxt = int(np.argmax(r.logits(ctx)))
+            out.append(nxt)
+            r.decode(ctx, [nxt], pos)
+            pos += 1
+        return out
+
+
+def measure_rule_agreement(
+    path: Union[str, os.PathLike],
+    n_tokens: int = 200,
+    prompts: Optional[Sequence[Union[str, bytes, Sequence[int]]]] = None,
+) -> float:
+    """Fraction of greedy steps whose next token is ``succ(current token)``.
+
+    Decodes ``n_tokens`` greedy tokens after each prompt (default: three short texts)
+    and pools the steps. This approximates the MTP acceptance rate of the fixture.
+    """
+    succ = successor_map(path)
+    prompts = list(_DEFAULT_PROMPTS if prompts is None else prompts)
+    hits = total = 0
+    with _Runner(path) as r:
+        for prompt in prompts:
+            toks = _prompt_tokens(r, prompt)
+            ctx = r.context(max(512, len(toks) + n_tokens + 1))
+            r.decode(ctx, toks, 0)
+            cur = toks[-1]
+            pos = len(toks)
+            for _ in range(n_tokens):
+                nxt = int(np.argmax(r.logits(ctx)))
+                if cur < len(succ):
+                    total += 1
+                    hits += int(nxt == succ[cur])
+                r.decode(ctx, [nxt], pos)
+                cur = nxt
+                pos += 1
+            r.lib.llama_free(ctx)
+            r.contexts.remove(ctx)
+    return hits / max(total, 1)
+
+
+def measure_mtp_agreement(
+    path: Union[str, os.PathLike],
+    n_tokens: int = 200,
+    prompt: Union[str, bytes, Sequence[int]] = "The quick brown fox",
+) -> float:
+    """Fraction of steps where the model's own MTP head (an MTP context) drafts the
+    token the trunk then produces greedily, i.e. a greedy one-token-draft acceptance rate.
+
+    Uses the pyllama_mtp shim for the trunk's pre-head hidden states (``h_nextn``).
+    """
+    from ._ffi import ffi, lib
+
+    with _Runner(path, load_mtp=True) as r:
+        if lib.llama_model_n_layer_nextn(r.model) < 1:
+            raise ValueError(f"{path} has no MTP layers")
+        toks = _prompt_tokens(r, prompt)
+        n_ctx = max(512, len(toks) + n_tokens + 2)
+        tgt = r.context(n_ctx)
+        dft = r.context(n_ctx, mtp=True)
+        lib.pmtp_set_embeddings_nextn(tgt, True, False)
+        lib.pmtp_set_embeddings_nextn(dft, True, True)
+        n_embd = lib.llama_model_n_embd(r.model)
+
+        def hidden() -> np.ndarray:
+            ptr = lib.pmtp_get_embeddings_nextn_ith(tgt, 0)
+            if ptr == ffi.NULL:
+                raise RuntimeError("no nextn embeddings from the trunk context")
+            return np.frombuffer(ffi.buffer(ptr, 4 * n_embd), dtype=np.float32).copy()
+
+        # The draft for position p+1 comes from the MTP context decoding (x[p], pos p)
+        # paired with the trunk hidden state of position p-1: the same entry the
+        # catch-up pass of a speculative decoder would add, so nothing is rolled back.
+        hs: List[np.ndarray] = []
+        for p, t in enumerate(toks):
+            r.decode(tgt, [t], p)
+            hs.append(hidden())
+            if p >= 1:
+                r.decode(dft, [t], p, embd=hs[p - 1])
+        seq = list(toks) + [int(np.argmax(r.logits(tgt)))]
+        hits = total = 0
+        for _ in range(n_tokens):
+            p = len(seq) - 1
+            r.decode(dft, [seq[p]], p, embd=hs[p - 1])
+            draft = int(np.argmax(r.logits(dft)))
+            r.decode(tgt, [seq[p]], p)
+            hs.append(hidden())
+            nxt = int(np.argmax(r.logits(tgt)))
+            total += 1
+            hits += int(draft == nxt)
+            seq.append(nxt)
+        return hits / max(total, 1)

@@ -1,0 +1,108 @@
+"""Plain (non-speculative) generation: llama.cpp's sampler chain, streamed token by token."""
+
+from __future__ import annotations
+
+import codecs
+from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Union
+
+from . import _lowlevel
+from ._resource import Resource
+from .errors import InvalidArgumentError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .context import Context
+    from .model import Model
+
+
+class Sampler(Resource):
+    """llama.cpp's sampler chain. ``temperature <= 0`` is greedy (argmax).
+
+    Otherwise: top-k, top-p, min-p (each skipped at its neutral value), temperature,
+    then a draw seeded by ``seed``, so a run is reproducible.
+    """
+
+    def __init__(self, temperature: float = 0.0, *, top_k: int = 0, top_p: float = 1.0,
+                 min_p: float = 0.0, seed: int = 0) -> None:
+        if top_k < 0 or not 0.0 < top_p <= 1.0 or not 0.0 <= min_p < 1.0:
+            raise InvalidArgumentError(
+                f"need top_k >= 0, 0 < top_p <= 1 and 0 <= min_p < 1 (got {top_k}, {top_p}, {min_p})")
+        self.temperature = float(temperature)
+        self._native = _lowlevel.NativeSampler(
+            temperature=self.temperature, top_k=int(top_k), top_p=float(top_p),
+            min_p=float(min_p), seed=int(seed))
+        self._mark_open()
+
+    @classmethod
+    def greedy(cls) -> "Sampler":
+        return cls(0.0)
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+    def sample(self, context: "Context", index: int = -1) -> int:
+        """Choose a token from output ``index`` of the context's last batch."""
+        return self._native.sample(context._native, context._output_index(index))
+
+    def reset(self) -> None:
+        self._native.reset()
+
+    def _release(self) -> None:
+        self._native.free()
+
+
+def generate(context: "Context", prompt: Union[str, Iterable[int]], *, max_tokens: int = 128,
+             sampler: Optional[Sampler] = None, seq_id: int = 0,
+             stop_at_eog: bool = True) -> Iterator[int]:
+    """Evaluate ``prompt`` on sequence ``seq_id``, then yield up to ``max_tokens`` new tokens.
+
+    The prompt continues whatever the sequence already holds. Long prompts are fed in
+    chunks of ``n_batch``. With no sampler, decoding is greedy.
+    """
+    if not isinstance(max_tokens, int) or max_tokens < 0:
+        raise InvalidArgumentError(f"max_tokens must be a non-negative int, got {max_tokens!r}")
+    model = context.model
+    tokens = model.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+    if not tokens:
+        raise InvalidArgumentError("the prompt is empty")
+    model.check_tokens(tokens)
+    own_sampler = sampler is None
+    sampler = Sampler.greedy() if own_sampler else sampler
+    try:
+        for start in range(0, len(tokens), context.n_batch):
+            context.decode(tokens[start:start + context.n_batch], seq_id=seq_id)
+        for _ in range(max_tokens):
+            token = sampler.sample(context)
+            if stop_at_eog and model.is_eog(token):
+                return
+            yield token
+            context.decode([token], seq_id=seq_id)
+    finally:
+        if own_sampler:
+            sampler.close()
+
+
+class TextStream:
+    """Turns a stream of token ids into text, holding back incomplete UTF-8 characters."""
+
+    def __init__(self, model: "Model") -> None:
+        self._model = model
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def push(self, token: int) -> str:
+        return self._decoder.decode(self._model.token_to_piece(token))
+
+    def flush(self) -> str:
+        return self._decoder.decode(b"", final=True)
+
+
+def stream_text(model: "Model", tokens: Iterable[int]) -> Iterator[str]:
+    """Yield text pieces for a token stream (e.g. from :func:`generate`)."""
+    stream = TextStream(model)
+    for token in tokens:
+        piece = stream.push(token)
+        if piece:
+            yield piece
+    tail = stream.flush()
+    if tail:
+        yield tail

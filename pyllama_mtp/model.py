@@ -1,0 +1,230 @@
+"""``Model``: a loaded GGUF, its vocabulary and hyper-parameters."""
+
+from __future__ import annotations
+
+import os
+import weakref
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Union
+
+import numpy as np
+
+from . import _lowlevel
+from ._resource import Resource
+from .errors import ClosedError, InvalidArgumentError, ModelLoadError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .context import Context
+
+ProgressCallback = Callable[[float], Optional[bool]]
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class Model(Resource):
+    """A model loaded by llama.cpp. Create it with :meth:`Model.load`.
+
+    Contexts keep their model alive. Closing a model while contexts are open is
+    deferred: the weights are freed when the last of its contexts closes, and the
+    model refuses new contexts from then on.
+    """
+
+    def __init__(self, native: _lowlevel.NativeModel, path: str, load_mtp: bool) -> None:
+        self._native = native
+        self._path = path
+        self._children: "weakref.WeakSet[Context]" = weakref.WeakSet()
+        self._close_requested = False
+        hp = native.hparams()
+        self._hparams = hp
+        self._metadata = native.metadata()
+        self._mtp_loaded = load_mtp and hp["n_layer_nextn"] > 0
+        self._mark_open()
+
+    @classmethod
+    def load(
+        cls,
+        path: PathLike,
+        *,
+        n_gpu_layers: int = -1,
+        load_mtp: bool = True,
+        use_mmap: bool = True,
+        progress: Optional[ProgressCallback] = None,
+    ) -> "Model":
+        """Load a GGUF file.
+
+        Args:
+            path: the GGUF file.
+            n_gpu_layers: layers to offload to a GPU backend (-1: all; ignored on CPU-only builds).
+            load_mtp: load the MTP (nextn) layers when the file has them. ``False`` saves
+                their memory; the model then decodes normally but cannot draft.
+            use_mmap: map the file instead of reading it into memory.
+            progress: called with a fraction in [0, 1] while loading; returning ``False``
+                cancels the load (:class:`~pyllama_mtp.LoadCancelledError`).
+
+        Raises:
+            ModelLoadError: the file is missing, unreadable, corrupt or unsupported.
+        """
+        path_str = os.fspath(path)
+        if not os.path.isfile(path_str):
+            raise ModelLoadError(f"no such model file: {path_str}")
+        if not isinstance(n_gpu_layers, int):
+            raise InvalidArgumentError("n_gpu_layers must be an int")
+        from ._validate import check_gguf_file  # local: keeps import time small
+
+        check_gguf_file(path_str)
+        native = _lowlevel.NativeModel(
+            path_str, n_gpu_layers=n_gpu_layers, load_mtp=load_mtp,
+            use_mmap=use_mmap, progress=progress)
+        return cls(native, path_str, load_mtp)
+
+    # -- lifetime ---------------------------------------------------------------------
+    def _native_model(self) -> _lowlevel.NativeModel:
+        """The native handle, for children being created; refuses after close()."""
+        if self._close_requested or self._native.closed:
+            raise ClosedError("this model is closed")
+        return self._native
+
+    def _adopt(self, child: "Context") -> None:
+        self._children.add(child)
+
+    def _child_closed(self, child: "Context") -> None:
+        self._children.discard(child)
+        if self._close_requested and not self._open_children():
+            self._native.free()
+
+    def _open_children(self) -> list["Context"]:
+        return [child for child in self._children if not child.closed]
+
+    def close(self) -> None:
+        """Release the weights now, or when the last open context closes."""
+        self._close_requested = True
+        super().close()
+
+    def _release(self) -> None:
+        if not self._open_children():
+            self._native.free()
+
+    # -- properties -------------------------------------------------------------------
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @property
+    def architecture(self) -> str:
+        return self._metadata.get("general.architecture", "")
+
+    @property
+    def description(self) -> str:
+        return self._hparams["description"]
+
+    @property
+    def n_vocab(self) -> int:
+        return self._hparams["n_vocab"]
+
+    @property
+    def n_embd(self) -> int:
+        return self._hparams["n_embd"]
+
+    @property
+    def n_layer(self) -> int:
+        """Trunk layers (MTP blocks not counted)."""
+        return self._hparams["n_layer"]
+
+    @property
+    def n_layer_nextn(self) -> int:
+        """MTP (nextn) blocks in the file."""
+        return self._hparams["n_layer_nextn"]
+
+    @property
+    def has_mtp(self) -> bool:
+        """The file has MTP layers (whether or not they were loaded)."""
+        return self.n_layer_nextn > 0
+
+    @property
+    def mtp_loaded(self) -> bool:
+        """MTP layers are in memory, so this model can draft."""
+        return self._mtp_loaded
+
+    @property
+    def n_ctx_train(self) -> int:
+        return self._hparams["n_ctx_train"]
+
+    @property
+    def size(self) -> int:
+        """Bytes of all tensors."""
+        return self._hparams["size"]
+
+    @property
+    def n_params(self) -> int:
+        return self._hparams["n_params"]
+
+    @property
+    def is_recurrent(self) -> bool:
+        return self._hparams["is_recurrent"]
+
+    @property
+    def is_hybrid(self) -> bool:
+        """Attention plus recurrent layers (e.g. qwen35's gated delta-net)."""
+        return self._hparams["is_hybrid"]
+
+    @property
+    def metadata(self) -> dict[str, str]:
+        """GGUF key/value metadata (scalars as strings; arrays are left out by llama.cpp)."""
+        return dict(self._metadata)
+
+    @property
+    def bos(self) -> int:
+        return self._hparams["bos"]
+
+    @property
+    def eos(self) -> int:
+        return self._hparams["eos"]
+
+    @property
+    def eot(self) -> int:
+        return self._hparams["eot"]
+
+    # -- vocabulary -------------------------------------------------------------------
+    def tokenize(self, text: Union[str, bytes], *, add_special: bool = True,
+                 parse_special: bool = False) -> list[int]:
+        """Text to token ids; ``add_special`` adds BOS/EOS where the model asks for them."""
+        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        return self._native_model().tokenize(data, add_special, parse_special).tolist()
+
+    def token_to_piece(self, token: int, *, special: bool = False) -> bytes:
+        """The bytes of one token (may be part of a UTF-8 character)."""
+        self.check_tokens([token])
+        return self._native_model().token_to_piece(int(token), special)
+
+    def detokenize(self, tokens: Iterable[int], *, remove_special: bool = False,
+                   unparse_special: bool = False) -> str:
+        array = self.check_tokens(tokens)
+        data = self._native_model().detokenize(array, remove_special, unparse_special)
+        return data.decode("utf-8", "replace")
+
+    def is_eog(self, token: int) -> bool:
+        """True for end-of-generation tokens (EOS, EOT, ...)."""
+        return self._native_model().is_eog(int(token))
+
+    def check_tokens(self, tokens: Iterable[int]) -> np.ndarray:
+        """Token ids as int32, or InvalidArgumentError naming the first bad one."""
+        array = np.asarray(list(tokens) if not isinstance(tokens, np.ndarray) else tokens)
+        if array.ndim != 1:
+            raise InvalidArgumentError(f"tokens must be one-dimensional, got shape {array.shape}")
+        if array.size and not np.issubdtype(array.dtype, np.integer):
+            raise InvalidArgumentError(f"tokens must be integers, got dtype {array.dtype}")
+        bad = np.flatnonzero((array < 0) | (array >= self.n_vocab))
+        if bad.size:
+            i = int(bad[0])
+            raise InvalidArgumentError(
+                f"token id {int(array[i])} at index {i} is outside the vocabulary [0, {self.n_vocab})")
+        return array.astype(np.int32, copy=False)
+
+    # -- convenience ------------------------------------------------------------------
+    def context(self, **kwargs: Any) -> "Context":
+        """Create a :class:`~pyllama_mtp.Context` on this model (same arguments)."""
+        from .context import Context
+
+        return Context(self, **kwargs)
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"{self.architecture}, {self.n_params:,} params"
+        return f"<Model {os.path.basename(self._path)!r} ({state})>"
