@@ -49,17 +49,32 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def pip_command() -> list[str]:
-    """pip of this interpreter, or the first one on PATH (isolated build envs lack pip)."""
-    probe = subprocess.run(
-        [sys.executable, "-m", "pip", "--version"], capture_output=True, check=False
-    )
-    if probe.returncode == 0:
-        return [sys.executable, "-m", "pip"]
+def _outside_build_isolation_env() -> dict[str, str]:
+    """This environment minus what pip's build isolation adds to hide site-packages."""
+    env = dict(os.environ)
+    for name in ("PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONHOME"):
+        env.pop(name, None)
+    return env
+
+
+def pip_command(env: dict[str, str]) -> list[str]:
+    """A working pip: this interpreter's, its base interpreter's, or the first on PATH.
+
+    Inside an isolated build environment pip itself is hidden, so each candidate runs
+    with the isolation variables removed.
+    """
+    candidates = [[sys.executable, "-m", "pip"]]
+    base = getattr(sys, "_base_executable", None)
+    if base and base != sys.executable:
+        candidates.append([base, "-m", "pip"])
     for name in ("pip3", "pip"):
         found = shutil.which(name)
         if found:
-            return [found]
+            candidates.append([found])
+    for cmd in candidates:
+        probe = subprocess.run(cmd + ["--version"], capture_output=True, check=False, env=env)
+        if probe.returncode == 0:
+            return cmd
     raise SystemExit("provision: pip is needed to fetch the llama.cpp source and was not found")
 
 
@@ -73,12 +88,13 @@ def fetch_sdist() -> Path:
     with tempfile.TemporaryDirectory(dir=target_dir) as scratch:
         # --no-build-isolation: pip would otherwise build cmake from source just to
         # read the sdist's metadata; we never build this sdist, only unpack it.
-        cmd = pip_command() + [
+        env = _outside_build_isolation_env()
+        cmd = pip_command(env) + [
             "download", "--no-deps", "--no-binary", ":all:", "--no-build-isolation",
             "--disable-pip-version-check", "-d", scratch, SDIST_REQUIREMENT,
         ]
         print("provision: fetching", SDIST_REQUIREMENT, file=sys.stderr)
-        subprocess.run(cmd, check=True, stdout=sys.stderr)
+        subprocess.run(cmd, check=True, stdout=sys.stderr, env=env)
         downloaded = Path(scratch) / SDIST_NAME
         actual = sha256_of(downloaded)
         if actual != SDIST_SHA256:
