@@ -35,7 +35,8 @@ enum pmtp_status {
     PMTP_ERR_ABORTED     = -4, /* the abort callback stopped the computation */
     PMTP_ERR_NO_MTP      = -5, /* the model has no MTP layers loaded */
     PMTP_ERR_ALLOC       = -6, /* out of memory */
-    PMTP_ERR_INTERNAL    = -7  /* a C++ exception escaped llama.cpp */
+    PMTP_ERR_INTERNAL    = -7, /* a C++ exception escaped llama.cpp */
+    PMTP_ERR_STATE       = -8  /* memory could not be rolled back that far */
 };
 
 /* Version of this shim, compiled in; Python refuses to run with another. */
@@ -80,6 +81,77 @@ typedef struct pmtp_memory_entry {
 /* Fill up to capacity entries; returns how many exist (may exceed capacity), or a PMTP_ERR_*. */
 PMTP_API int32_t pmtp_memory_breakdown(const struct llama_context * ctx,
                                        pmtp_memory_entry * out, int32_t capacity);
+
+/* ---- MTP speculative decoding (csrc/speculative.cpp) ----
+ *
+ * One pmtp_spec drives n_seq sequences of a target context and its MTP draft context
+ * (created from the same model with ctx_type = LLAMA_CONTEXT_TYPE_MTP). Per sequence it
+ * keeps id_last (the newest token, sampled but not yet evaluated by the target) and the
+ * target hidden row that the MTP head pairs with it.
+ *
+ * High level: pmtp_spec_step() = draft + verify + greedy accept + rollback, one call.
+ * Low level:  pmtp_spec_draft() / pmtp_spec_set_draft(), pmtp_spec_verify(),
+ *             pmtp_spec_target_choices(), pmtp_spec_accept(): the same guarantees, with
+ *             the acceptance rule left to the caller.
+ * Rollback of rejected positions uses llama_memory_seq_rm on both contexts; on hybrid or
+ * recurrent targets this needs n_rs_seq >= n_draft_max + 1 snapshots in the target context
+ * (+1: a verified batch that is discarded unaccepted also drops its pending token).
+ */
+
+#define PMTP_MAX_DRAFT 16
+
+typedef struct pmtp_spec pmtp_spec;
+
+typedef struct pmtp_spec_stats {
+    int32_t n_draft_max;
+    int64_t n_steps;                     /* accept() calls */
+    int64_t n_drafted;                   /* draft tokens proposed */
+    int64_t n_accepted;                  /* draft tokens accepted */
+    int64_t n_generated;                 /* tokens produced (accepted + one per step) */
+    int64_t drafted_at[PMTP_MAX_DRAFT];  /* verified drafts at draft position i */
+    int64_t accepted_at[PMTP_MAX_DRAFT]; /* accepted drafts at draft position i */
+    int64_t t_target_us;                 /* time in target decodes */
+    int64_t t_draft_us;                  /* time in draft decodes and hidden-row hand-over */
+} pmtp_spec_stats;
+
+/* Create a driver; *status receives PMTP_OK, PMTP_ERR_NO_MTP or PMTP_ERR_ARGUMENT. */
+PMTP_API pmtp_spec * pmtp_spec_new(struct llama_context * tgt, struct llama_context * dft,
+                                   int32_t n_seq, int32_t n_draft_max, int32_t * status);
+PMTP_API void        pmtp_spec_free(pmtp_spec * spec);
+/* n_draft_max after limits of the model (chained heads cap it at their count). */
+PMTP_API int32_t     pmtp_spec_n_draft_max(const pmtp_spec * spec);
+
+/* Evaluate n tokens on sequence seq (after its pending token, if any); the last one
+ * becomes the pending token. On error the sequence is left as before the call, or reset
+ * where its recurrent state cannot be cut back that far. */
+PMTP_API int32_t pmtp_spec_prefill(pmtp_spec * spec, llama_seq_id seq, const llama_token * tokens, int32_t n);
+
+/* Draft up to n_max[seq] tokens for every active sequence (greedy MTP; stop under p_min). */
+PMTP_API int32_t pmtp_spec_draft(pmtp_spec * spec, const int32_t * n_max, float p_min);
+/* Replace a sequence's draft with tokens of the caller's choosing (n-gram, another model). */
+PMTP_API int32_t pmtp_spec_set_draft(pmtp_spec * spec, llama_seq_id seq, const llama_token * tokens, int32_t n);
+/* Copy a sequence's draft (and MTP probabilities); returns its length. */
+PMTP_API int32_t pmtp_spec_get_draft(const pmtp_spec * spec, llama_seq_id seq, llama_token * tokens,
+                                     float * probs, int32_t capacity);
+/* Evaluate [id_last, draft...] of every active sequence in one target batch. */
+PMTP_API int32_t pmtp_spec_verify(pmtp_spec * spec);
+/* Target greedy choice after id_last and after each draft token (draft length + 1). */
+PMTP_API int32_t pmtp_spec_target_choices(const pmtp_spec * spec, llama_seq_id seq, llama_token * out, int32_t capacity);
+/* Target batch index of verify row `row` (for reading its logits); or a PMTP_ERR_*. */
+PMTP_API int32_t pmtp_spec_verify_row(const pmtp_spec * spec, llama_seq_id seq, int32_t row);
+/* Keep n_accepted draft tokens, make `next` the pending token, roll back the rest. */
+PMTP_API int32_t pmtp_spec_accept(pmtp_spec * spec, llama_seq_id seq, int32_t n_accepted, llama_token next);
+/* One whole greedy step for every active sequence. out_tokens: n_seq rows of
+ * (n_draft_max + 1); out_counts[seq]: tokens produced (accepted drafts + 1). */
+PMTP_API int32_t pmtp_spec_step(pmtp_spec * spec, int32_t n_draft, float p_min,
+                                llama_token * out_tokens, int32_t * out_counts);
+/* 1 if active (and its pending token / position), 0 if not, or a PMTP_ERR_*. */
+PMTP_API int32_t pmtp_spec_seq_state(const pmtp_spec * spec, llama_seq_id seq, llama_token * id_last,
+                                     llama_pos * n_past);
+/* Forget a sequence in both contexts. */
+PMTP_API int32_t pmtp_spec_reset_seq(pmtp_spec * spec, llama_seq_id seq);
+PMTP_API void    pmtp_spec_get_stats(const pmtp_spec * spec, pmtp_spec_stats * out);
+PMTP_API void    pmtp_spec_reset_stats(pmtp_spec * spec);
 
 #ifdef __cplusplus
 }

@@ -28,6 +28,7 @@ from .errors import (
 )
 from .generation import Sampler, TextStream, generate, stream_text
 from .model import Model
+from .speculative import SpeculativeDecoder, SpeculativeStats
 
 __all__ = [
     "__version__",
@@ -35,6 +36,8 @@ __all__ = [
     "Context",
     "Batch",
     "Sampler",
+    "SpeculativeDecoder",
+    "SpeculativeStats",
     "TextStream",
     "generate",
     "stream_text",

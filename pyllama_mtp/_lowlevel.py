@@ -41,6 +41,7 @@ _STATUS_ERRORS: dict[int, type[LlamaError]] = {
     lib.PMTP_ERR_NO_MTP: NoMTPError,
     lib.PMTP_ERR_ALLOC: DecodeError,
     lib.PMTP_ERR_INTERNAL: DecodeError,
+    lib.PMTP_ERR_STATE: StateError,
 }
 
 _STATUS_TEXT: dict[int, str] = {
@@ -51,6 +52,7 @@ _STATUS_TEXT: dict[int, str] = {
     lib.PMTP_ERR_NO_MTP: "the model has no MTP layers loaded",
     lib.PMTP_ERR_ALLOC: "out of memory",
     lib.PMTP_ERR_INTERNAL: "llama.cpp raised an internal error",
+    lib.PMTP_ERR_STATE: "the memory cannot be rolled back that far",
 }
 
 
@@ -354,6 +356,8 @@ class NativeContext(_NativeHandle):
         if config.mtp:
             params.ctx_type = lib.LLAMA_CONTEXT_TYPE_MTP
         if other is not None:
+            # Upstream passes the target to every MTP drafter; llama.cpp keeps it only for
+            # drafters that share the target's KV (gemma4 assistants).
             params.ctx_other = other.ptr()
         # Cancel flag read by C on every graph node: no Python, no GIL in that check.
         self._abort_flag = ffi.new("int32_t *", 0)
@@ -535,3 +539,136 @@ def default_threads() -> int:
     except AttributeError:  # pragma: no cover - not Linux
         return max(1, os.cpu_count() or 1)
 
+
+
+class NativeSpeculative(_NativeHandle):
+    """The C speculative driver over a target context and its MTP draft context."""
+
+    _kind = "speculative decoder"
+
+    def __init__(self, target: NativeContext, draft: NativeContext, n_seq: int, n_draft_max: int) -> None:
+        status = ffi.new("int32_t *")
+        with target.lock, draft.lock:
+            ptr = lib.pmtp_spec_new(target.ptr(), draft.ptr(), n_seq, n_draft_max, status)
+        check_status(status[0], "creating the speculative decoder")
+        super().__init__(ptr)
+        self.target = target
+        self.draft_context = draft
+        self.n_seq = n_seq
+        self.n_draft_max = int(lib.pmtp_spec_n_draft_max(ptr))
+        self._out_tokens = np.zeros((n_seq, self.n_draft_max + 1), dtype=np.int32)
+        self._out_counts = np.zeros(n_seq, dtype=np.int32)
+        self._limits = np.zeros(n_seq, dtype=np.int32)
+        self._out_tokens_ptr = ffi.cast("llama_token *", ffi.from_buffer(self._out_tokens))
+        self._out_counts_ptr = ffi.cast("int32_t *", ffi.from_buffer(self._out_counts))
+        self._limits_ptr = ffi.cast("int32_t *", ffi.from_buffer(self._limits))
+
+    def _free(self, ptr: Any) -> None:
+        lib.pmtp_spec_free(ptr)
+
+    def _locked(self):
+        return _Locks(self.lock, self.target.lock, self.draft_context.lock)
+
+    def prefill(self, seq: int, tokens: np.ndarray) -> None:
+        with self._locked():
+            self.target.ptr(), self.draft_context.ptr()
+            check_status(lib.pmtp_spec_prefill(self.ptr(), seq, ffi.cast("llama_token *", ffi.from_buffer(tokens)),
+                                               len(tokens)), "prefill")
+
+    def step(self, n_draft: int, p_min: float) -> tuple[np.ndarray, np.ndarray]:
+        """One greedy step; returns (tokens[n_seq, n_draft_max + 1], counts[n_seq]) views."""
+        with self._locked():
+            self.target.ptr(), self.draft_context.ptr()
+            check_status(lib.pmtp_spec_step(self.ptr(), n_draft, p_min, self._out_tokens_ptr,
+                                            self._out_counts_ptr), "speculative step")
+        return self._out_tokens, self._out_counts
+
+    def draft(self, limits: np.ndarray, p_min: float) -> None:
+        self._limits[:] = limits
+        with self._locked():
+            self.target.ptr(), self.draft_context.ptr()
+            check_status(lib.pmtp_spec_draft(self.ptr(), self._limits_ptr, p_min), "draft")
+
+    def get_draft(self, seq: int) -> tuple[list[int], list[float]]:
+        tokens = ffi.new("llama_token[]", PMTP_MAX_DRAFT_CAPACITY)
+        probs = ffi.new("float[]", PMTP_MAX_DRAFT_CAPACITY)
+        with self.lock:
+            n = check_status(lib.pmtp_spec_get_draft(self.ptr(), seq, tokens, probs, PMTP_MAX_DRAFT_CAPACITY),
+                             "get draft")
+        return [int(tokens[i]) for i in range(n)], [float(probs[i]) for i in range(n)]
+
+    def set_draft(self, seq: int, tokens: np.ndarray) -> None:
+        with self.lock:
+            check_status(lib.pmtp_spec_set_draft(self.ptr(), seq, ffi.cast("llama_token *", ffi.from_buffer(tokens)),
+                                                 len(tokens)), "set draft")
+
+    def verify(self) -> None:
+        with self._locked():
+            self.target.ptr(), self.draft_context.ptr()
+            check_status(lib.pmtp_spec_verify(self.ptr()), "verify")
+
+    def target_choices(self, seq: int) -> list[int]:
+        out = ffi.new("llama_token[]", PMTP_MAX_DRAFT_CAPACITY + 1)
+        with self.lock:
+            n = check_status(lib.pmtp_spec_target_choices(self.ptr(), seq, out, PMTP_MAX_DRAFT_CAPACITY + 1),
+                             "target choices")
+        return [int(out[i]) for i in range(n)]
+
+    def verify_row(self, seq: int, row: int) -> int:
+        with self.lock:
+            return check_status(lib.pmtp_spec_verify_row(self.ptr(), seq, row), "verify row")
+
+    def accept(self, seq: int, n_accepted: int, next_token: int) -> None:
+        with self._locked():
+            self.target.ptr(), self.draft_context.ptr()
+            check_status(lib.pmtp_spec_accept(self.ptr(), seq, n_accepted, next_token), "accept")
+
+    def seq_state(self, seq: int) -> tuple[bool, int, int]:
+        id_last = ffi.new("llama_token *")
+        n_past = ffi.new("llama_pos *")
+        with self.lock:
+            active = check_status(lib.pmtp_spec_seq_state(self.ptr(), seq, id_last, n_past), "sequence state")
+        return bool(active), int(id_last[0]), int(n_past[0])
+
+    def reset_seq(self, seq: int) -> None:
+        with self._locked():
+            check_status(lib.pmtp_spec_reset_seq(self.ptr(), seq), "reset sequence")
+
+    def stats(self) -> dict[str, Any]:
+        raw = ffi.new("pmtp_spec_stats *")
+        with self.lock:
+            lib.pmtp_spec_get_stats(self.ptr(), raw)
+        n = self.n_draft_max
+        return {
+            "n_draft_max": int(raw.n_draft_max),
+            "n_steps": int(raw.n_steps),
+            "n_drafted": int(raw.n_drafted),
+            "n_accepted": int(raw.n_accepted),
+            "n_generated": int(raw.n_generated),
+            "drafted_at": [int(raw.drafted_at[i]) for i in range(n)],
+            "accepted_at": [int(raw.accepted_at[i]) for i in range(n)],
+            "t_target_us": int(raw.t_target_us),
+            "t_draft_us": int(raw.t_draft_us),
+        }
+
+    def reset_stats(self) -> None:
+        with self.lock:
+            lib.pmtp_spec_reset_stats(self.ptr())
+
+
+PMTP_MAX_DRAFT_CAPACITY = int(lib.PMTP_MAX_DRAFT)
+
+
+class _Locks:
+    """Take several locks in a fixed order (decoder, target, draft): no lock-order deadlock."""
+
+    def __init__(self, *locks: Any) -> None:
+        self._locks = locks
+
+    def __enter__(self) -> None:
+        for lock in self._locks:
+            lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        for lock in reversed(self._locks):
+            lock.release()

@@ -8,7 +8,7 @@ import numpy as np
 
 from . import _lowlevel
 from ._resource import Resource
-from .errors import InvalidArgumentError, StateError
+from .errors import InvalidArgumentError, NoMTPError, StateError
 from .model import Model
 
 IntArray = Union[Sequence[int], np.ndarray]
@@ -74,6 +74,9 @@ class Batch:
 class Context(Resource):
     """A llama.cpp context on a :class:`Model`: memory for ``n_seq_max`` sequences.
 
+    ``n_rs_seq`` keeps that many recurrent-state snapshots per sequence so that a hybrid
+    model (qwen35) can drop its last ``n_rs_seq`` positions (speculative rollback).
+
     Logits and hidden states are returned as **copies** (numpy float32 arrays): the
     context reuses its output buffers on the next decode, so a view would silently
     change under the caller.
@@ -92,8 +95,10 @@ class Context(Resource):
         n_seq_max: int = 1,
         n_threads: Optional[int] = None,
         n_threads_batch: Optional[int] = None,
+        n_rs_seq: int = 0,
         embeddings: bool = False,
         flash_attn: Optional[bool] = None,
+        _mtp_target: Optional["Context"] = None,
     ) -> None:
         for name, value in (("n_ctx", n_ctx), ("n_batch", n_batch), ("n_seq_max", n_seq_max)):
             if not isinstance(value, int) or value <= 0:
@@ -101,15 +106,23 @@ class Context(Resource):
         n_ubatch = n_batch if n_ubatch is None else n_ubatch
         if not isinstance(n_ubatch, int) or not 0 < n_ubatch <= n_batch:
             raise InvalidArgumentError(f"n_ubatch must be in [1, n_batch={n_batch}], got {n_ubatch!r}")
+        if not isinstance(n_rs_seq, int) or not 0 <= n_rs_seq <= 64:
+            raise InvalidArgumentError(f"n_rs_seq must be an int in [0, 64], got {n_rs_seq!r}")
         for name, value in (("n_threads", n_threads), ("n_threads_batch", n_threads_batch)):
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise InvalidArgumentError(f"{name} must be a positive int, got {value!r}")
         self._model = model  # strong: a context keeps its model alive
         config = _lowlevel.ContextConfig(
             n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, n_seq_max=n_seq_max,
-            n_threads=n_threads or 0, n_threads_batch=n_threads_batch or 0,
-            embeddings=embeddings, flash_attn=flash_attn)
-        self._native = _lowlevel.NativeContext(model._native_model(), config)
+            n_rs_seq=n_rs_seq, n_threads=n_threads or 0, n_threads_batch=n_threads_batch or 0,
+            embeddings=embeddings, flash_attn=flash_attn, mtp=_mtp_target is not None)
+        if _mtp_target is not None and not model.mtp_loaded:
+            # llama.cpp asserts (kills the process) building an MTP graph without the layers.
+            raise NoMTPError("this model has no MTP layers loaded: load a model with MTP layers "
+                             "and load_mtp=True to create a draft context")
+        self._native = _lowlevel.NativeContext(
+            model._native_model(), config, _mtp_target._native if _mtp_target is not None else None)
+        self._is_mtp = _mtp_target is not None
         self._embeddings = embeddings
         self._last_outputs = np.zeros(0, dtype=np.int8)
         model._adopt(self)
@@ -144,6 +157,16 @@ class Context(Resource):
     @property
     def n_threads(self) -> int:
         return self._native.n_threads
+
+    @property
+    def n_rs_seq(self) -> int:
+        """Recurrent-state snapshots per sequence (how far a hybrid model can roll back)."""
+        return self._native.n_rs_seq
+
+    @property
+    def is_mtp(self) -> bool:
+        """This is an MTP draft context (see :meth:`Model.mtp_context`)."""
+        return self._is_mtp
 
     # -- decoding ---------------------------------------------------------------------
     def _check_seq(self, seq_id: int) -> int:

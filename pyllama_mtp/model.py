@@ -225,6 +225,23 @@ class Model(Resource):
 
         return Context(self, **kwargs)
 
+    def mtp_context(self, target: "Context", *, n_threads: Optional[int] = None) -> "Context":
+        """Create the MTP draft context for ``target``: the same weights, its own small KV.
+
+        No weight is loaded twice: the draft context runs this model's MTP (nextn) layers,
+        with as many positions and sequences as the target.
+
+        Raises:
+            NoMTPError: the model has no MTP layers, or was loaded with ``load_mtp=False``.
+        """
+        from .context import Context
+
+        if target.model is not self:
+            raise InvalidArgumentError("the target context belongs to another model")
+        return Context(self, n_ctx=target.n_ctx, n_batch=target.n_batch, n_ubatch=target.n_ubatch,
+                       n_seq_max=target.n_seq_max, n_threads=n_threads or target.n_threads,
+                       _mtp_target=target)
+
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{self.architecture}, {self.n_params:,} params"
         return f"<Model {os.path.basename(self._path)!r} ({state})>"

@@ -2,7 +2,7 @@
 
 enum pmtp_status {
     PMTP_OK, PMTP_ERR_ARGUMENT, PMTP_ERR_NO_KV_SLOT, PMTP_ERR_DECODE,
-    PMTP_ERR_ABORTED, PMTP_ERR_NO_MTP, PMTP_ERR_ALLOC, PMTP_ERR_INTERNAL, ...
+    PMTP_ERR_ABORTED, PMTP_ERR_NO_MTP, PMTP_ERR_ALLOC, PMTP_ERR_INTERNAL, PMTP_ERR_STATE, ...
 };
 
 const char * pmtp_version(void);
@@ -26,3 +26,38 @@ typedef struct pmtp_memory_entry {
 } pmtp_memory_entry;
 
 int32_t pmtp_memory_breakdown(const struct llama_context * ctx, pmtp_memory_entry * out, int32_t capacity);
+
+/* MTP speculative decoding */
+#define PMTP_MAX_DRAFT ...
+typedef struct pmtp_spec pmtp_spec;
+typedef struct pmtp_spec_stats {
+    int32_t n_draft_max;
+    int64_t n_steps;
+    int64_t n_drafted;
+    int64_t n_accepted;
+    int64_t n_generated;
+    int64_t drafted_at[...];
+    int64_t accepted_at[...];
+    int64_t t_target_us;
+    int64_t t_draft_us;
+} pmtp_spec_stats;
+
+pmtp_spec * pmtp_spec_new(struct llama_context * tgt, struct llama_context * dft,
+                          int32_t n_seq, int32_t n_draft_max, int32_t * status);
+void    pmtp_spec_free(pmtp_spec * spec);
+int32_t pmtp_spec_n_draft_max(const pmtp_spec * spec);
+int32_t pmtp_spec_prefill(pmtp_spec * spec, llama_seq_id seq, const llama_token * tokens, int32_t n);
+int32_t pmtp_spec_draft(pmtp_spec * spec, const int32_t * n_max, float p_min);
+int32_t pmtp_spec_set_draft(pmtp_spec * spec, llama_seq_id seq, const llama_token * tokens, int32_t n);
+int32_t pmtp_spec_get_draft(const pmtp_spec * spec, llama_seq_id seq, llama_token * tokens,
+                            float * probs, int32_t capacity);
+int32_t pmtp_spec_verify(pmtp_spec * spec);
+int32_t pmtp_spec_target_choices(const pmtp_spec * spec, llama_seq_id seq, llama_token * out, int32_t capacity);
+int32_t pmtp_spec_verify_row(const pmtp_spec * spec, llama_seq_id seq, int32_t row);
+int32_t pmtp_spec_accept(pmtp_spec * spec, llama_seq_id seq, int32_t n_accepted, llama_token next);
+int32_t pmtp_spec_step(pmtp_spec * spec, int32_t n_draft, float p_min,
+                       llama_token * out_tokens, int32_t * out_counts);
+int32_t pmtp_spec_seq_state(const pmtp_spec * spec, llama_seq_id seq, llama_token * id_last, llama_pos * n_past);
+int32_t pmtp_spec_reset_seq(pmtp_spec * spec, llama_seq_id seq);
+void    pmtp_spec_get_stats(const pmtp_spec * spec, pmtp_spec_stats * out);
+void    pmtp_spec_reset_stats(pmtp_spec * spec);

@@ -1,0 +1,328 @@
+"""MTP speculative decoding: draft with the model's MTP head, verify with the trunk.
+
+The whole step runs in the C shim (``csrc/speculative.cpp``): one call from Python per
+step, whatever the draft length. The low-level methods (:meth:`SpeculativeDecoder.draft`,
+:meth:`~SpeculativeDecoder.verify`, :meth:`~SpeculativeDecoder.accept`,
+:meth:`~SpeculativeDecoder.rollback`) expose the same machinery for custom policies.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Optional, Sequence, Union
+
+import numpy as np
+
+from . import _lowlevel
+from ._resource import Resource
+from .context import Context
+from .errors import InvalidArgumentError
+
+__all__ = ["SpeculativeDecoder", "SpeculativeStats"]
+
+
+@dataclass
+class SpeculativeStats:
+    """What a decoder did since creation (or :meth:`SpeculativeDecoder.reset_stats`)."""
+
+    n_draft_max: int
+    steps: int
+    drafted: int
+    accepted: int
+    generated: int
+    drafted_at: list[int] = field(default_factory=list)
+    accepted_at: list[int] = field(default_factory=list)
+    target_s: float = 0.0
+    draft_s: float = 0.0
+    wall_s: float = 0.0
+
+    @property
+    def acceptance(self) -> float:
+        """Accepted / drafted tokens."""
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def acceptance_at(self) -> list[float]:
+        """Acceptance at each draft position (position 0 is the first drafted token)."""
+        return [a / d if d else 0.0 for a, d in zip(self.accepted_at, self.drafted_at)]
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens produced per step (accepted drafts + the target's own token)."""
+        return self.generated / self.steps if self.steps else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def python_s(self) -> float:
+        """Wall time spent outside llama.cpp's decodes (Python and the C bookkeeping)."""
+        return max(0.0, self.wall_s - self.target_s - self.draft_s)
+
+    def __str__(self) -> str:
+        per_position = " ".join(f"{p:.0%}" for p in self.acceptance_at)
+        return (
+            f"steps {self.steps}, generated {self.generated}, drafted {self.drafted}, "
+            f"accepted {self.accepted} ({self.acceptance:.1%}; by position {per_position or '-'}), "
+            f"mean accepted length {self.mean_accepted_length:.2f}, "
+            f"{self.tokens_per_second:.1f} tokens/s, time: target {self.target_s * 1e3:.1f} ms, "
+            f"draft {self.draft_s * 1e3:.1f} ms, other {self.python_s * 1e3:.1f} ms"
+        )
+
+
+class SpeculativeDecoder(Resource):
+    """Greedy MTP speculative decoding over a target context and its MTP draft context.
+
+    Output is token-for-token what plain greedy decoding of the target would produce:
+    drafts only decide how many tokens one target batch confirms.
+
+    Args:
+        target: the model's ordinary context. For hybrid / recurrent models (qwen35) it
+            must keep ``n_rs_seq >= n_draft + 1`` recurrent snapshots so rejected drafts
+            can be rolled back; :meth:`create` sets this up.
+        draft: ``model.mtp_context(target)``.
+        n_draft: tokens drafted per step (1..16).
+        p_min: stop drafting when the MTP head's top probability falls under this.
+    """
+
+    def __init__(self, target: Context, draft: Context, *, n_draft: int = 3, p_min: float = 0.0) -> None:
+        if not draft.is_mtp:
+            raise InvalidArgumentError("draft must be an MTP context: use model.mtp_context(target)")
+        if draft.model is not target.model:
+            raise InvalidArgumentError("target and draft contexts must come from the same model")
+        if draft.n_seq_max < target.n_seq_max:
+            raise InvalidArgumentError("the draft context must hold as many sequences as the target")
+        max_draft = _lowlevel.PMTP_MAX_DRAFT_CAPACITY
+        if not isinstance(n_draft, int) or not 1 <= n_draft <= max_draft:
+            raise InvalidArgumentError(f"n_draft must be an int in [1, {max_draft}], got {n_draft!r}")
+        if not 0.0 <= p_min < 1.0:
+            raise InvalidArgumentError(f"p_min must be in [0, 1), got {p_min!r}")
+        model = target.model
+        if (model.is_hybrid or model.is_recurrent) and target.n_rs_seq < n_draft + 1:
+            raise InvalidArgumentError(
+                f"{model.architecture} keeps recurrent state: create the target context with "
+                f"n_rs_seq >= n_draft + 1 ({n_draft + 1}) so rejected drafts can be rolled back "
+                "(SpeculativeDecoder.create does this)")
+        self._target = target
+        self._draft_ctx = draft
+        self._native = _lowlevel.NativeSpeculative(target._native, draft._native, target.n_seq_max, n_draft)
+        self.n_draft = min(n_draft, self._native.n_draft_max)
+        self.p_min = float(p_min)
+        self._wall_s = 0.0
+        self._owned: list[Context] = []
+        self._mark_open()
+
+    @classmethod
+    def create(cls, model, *, n_ctx: int = 2048, n_draft: int = 3, p_min: float = 0.0,
+               n_seq_max: int = 1, n_batch: int = 512, n_threads: Optional[int] = None,
+               flash_attn: Optional[bool] = None) -> "SpeculativeDecoder":
+        """Make both contexts with the right settings and a decoder that owns them."""
+        target = Context(model, n_ctx=n_ctx, n_batch=n_batch, n_seq_max=n_seq_max, n_threads=n_threads,
+                         n_rs_seq=n_draft + 1 if (model.is_hybrid or model.is_recurrent) else 0,
+                         flash_attn=flash_attn)
+        try:
+            draft = model.mtp_context(target)
+        except BaseException:
+            target.close()
+            raise
+        try:
+            decoder = cls(target, draft, n_draft=n_draft, p_min=p_min)
+        except BaseException:
+            draft.close()
+            target.close()
+            raise
+        decoder._owned = [draft, target]
+        return decoder
+
+    # -- lifetime ---------------------------------------------------------------------
+    def _release(self) -> None:
+        self._native.free()
+        for ctx in self._owned:
+            ctx.close()
+
+    @property
+    def target(self) -> Context:
+        return self._target
+
+    @property
+    def draft_context(self) -> Context:
+        return self._draft_ctx
+
+    @property
+    def n_seq(self) -> int:
+        return self._native.n_seq
+
+    def _check_seq(self, seq_id: int) -> int:
+        if not isinstance(seq_id, (int, np.integer)) or not 0 <= seq_id < self.n_seq:
+            raise InvalidArgumentError(f"sequence id {seq_id!r} is outside [0, {self.n_seq})")
+        return int(seq_id)
+
+    # -- high level -------------------------------------------------------------------
+    def prefill(self, prompt: Union[str, Iterable[int]], seq_id: int = 0) -> None:
+        """Evaluate a prompt on a sequence (continuing it if already started)."""
+        model = self._target.model
+        tokens = model.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        if not tokens:
+            raise InvalidArgumentError("the prompt is empty")
+        array = model.check_tokens(tokens)
+        seq_id = self._check_seq(seq_id)
+        _, _, n_past = self._native.seq_state(seq_id)
+        if n_past + len(array) > self._target.n_ctx:
+            from .errors import ContextFullError
+
+            raise ContextFullError(f"the prompt ({len(array)} tokens) does not fit the context "
+                                   f"({n_past} of {self._target.n_ctx} positions used)")
+        start = time.perf_counter()
+        try:
+            self._native.prefill(seq_id, np.ascontiguousarray(array, dtype=np.int32))
+        finally:
+            self._wall_s += time.perf_counter() - start
+
+    def step(self, n_draft: Optional[int] = None) -> list[list[int]]:
+        """One speculative step on every active sequence: the tokens each one produced.
+
+        Each list holds the accepted draft tokens and the target's next token (at least
+        one token per active sequence).
+        """
+        n_draft = self.n_draft if n_draft is None else n_draft
+        if not isinstance(n_draft, int) or not 0 <= n_draft <= self._native.n_draft_max:
+            raise InvalidArgumentError(f"n_draft must be in [0, {self._native.n_draft_max}]")
+        start = time.perf_counter()
+        try:
+            tokens, counts = self._native.step(n_draft, self.p_min)
+            return [tokens[seq, :counts[seq]].tolist() for seq in range(self.n_seq)]
+        finally:
+            self._wall_s += time.perf_counter() - start
+
+    def generate(self, prompt: Union[str, Iterable[int]], *, max_tokens: int = 128, seq_id: int = 0,
+                 stop_at_eog: bool = True) -> Iterator[int]:
+        """Prefill ``prompt`` and stream up to ``max_tokens`` generated tokens (one sequence)."""
+        if not isinstance(max_tokens, int) or max_tokens < 0:
+            raise InvalidArgumentError(f"max_tokens must be a non-negative int, got {max_tokens!r}")
+        if self.n_seq != 1:
+            raise InvalidArgumentError("generate() drives one sequence; use generate_many() "
+                                       "for a decoder with several")
+        self.prefill(prompt, seq_id)
+        model = self._target.model
+        produced = 0
+        while produced < max_tokens:
+            for token in self.step()[seq_id]:
+                if stop_at_eog and model.is_eog(token):
+                    return
+                yield token
+                produced += 1
+                if produced >= max_tokens:
+                    return
+
+    def generate_many(self, prompts: Sequence[Union[str, Iterable[int]]], *, max_tokens: int = 128,
+                      stop_at_eog: bool = True) -> list[list[int]]:
+        """Generate for several prompts at once, one sequence each, in shared batches."""
+        if len(prompts) != self.n_seq:
+            raise InvalidArgumentError(f"need exactly {self.n_seq} prompts (one per sequence)")
+        for seq_id, prompt in enumerate(prompts):
+            self.prefill(prompt, seq_id)
+        model = self._target.model
+        outputs: list[list[int]] = [[] for _ in prompts]
+        done = [False] * self.n_seq
+        while not all(done):
+            produced = self.step()
+            for seq_id, tokens in enumerate(produced):
+                for token in tokens:
+                    if done[seq_id]:
+                        break
+                    if stop_at_eog and model.is_eog(token):
+                        done[seq_id] = True
+                        break
+                    outputs[seq_id].append(token)
+                    if len(outputs[seq_id]) >= max_tokens:
+                        done[seq_id] = True
+            for seq_id in range(self.n_seq):
+                if done[seq_id] and self._native.seq_state(seq_id)[0]:
+                    self._native.reset_seq(seq_id)
+        return outputs
+
+    # -- low level --------------------------------------------------------------------
+    def draft(self, n: Optional[int] = None, seq_id: int = 0) -> list[int]:
+        """Draft up to ``n`` tokens for a sequence with the MTP head (nothing evaluated yet)."""
+        seq_id = self._check_seq(seq_id)
+        n = self.n_draft if n is None else n
+        if not isinstance(n, int) or not 1 <= n <= self._native.n_draft_max:
+            raise InvalidArgumentError(f"n must be in [1, {self._native.n_draft_max}]")
+        limits = np.zeros(self.n_seq, dtype=np.int32)
+        limits[seq_id] = n
+        self._native.draft(limits, self.p_min)
+        return self._native.get_draft(seq_id)[0]
+
+    def draft_probabilities(self, seq_id: int = 0) -> list[float]:
+        """The MTP head's probability of each token of the current draft."""
+        return self._native.get_draft(self._check_seq(seq_id))[1]
+
+    def set_draft(self, tokens: Iterable[int], seq_id: int = 0) -> None:
+        """Propose a draft of your own (n-gram lookup, another model) for :meth:`verify`."""
+        array = self._target.model.check_tokens(list(tokens))
+        if len(array) > self._native.n_draft_max:
+            raise InvalidArgumentError(f"a draft holds at most {self._native.n_draft_max} tokens")
+        self._native.set_draft(self._check_seq(seq_id), np.ascontiguousarray(array, dtype=np.int32))
+
+    def verify(self) -> list[list[int]]:
+        """Evaluate pending token + draft of every active sequence in one target batch.
+
+        Returns, per sequence, the target's greedy choice after the pending token and
+        after each draft token (draft length + 1 tokens).
+        """
+        self._native.verify()
+        return [self._native.target_choices(seq) for seq in range(self.n_seq)]
+
+    def verified_logits(self, row: int, seq_id: int = 0) -> np.ndarray:
+        """Target logits at verify row ``row`` (0: after the pending token) of the last verify."""
+        index = self._native.verify_row(self._check_seq(seq_id), row)
+        return self._target._native.logits(index, self._target.model.n_vocab)
+
+    def accept(self, n: int, next_token: Optional[int] = None, seq_id: int = 0) -> list[int]:
+        """Keep the first ``n`` verified draft tokens; the rest are rolled back everywhere.
+
+        ``next_token`` becomes the new pending token; by default the target's greedy choice
+        after the last kept token. Returns the tokens this produced (kept drafts + next).
+        """
+        seq_id = self._check_seq(seq_id)
+        draft, _ = self._native.get_draft(seq_id)
+        choices = self._native.target_choices(seq_id)
+        if not choices:
+            raise InvalidArgumentError("nothing to accept: call verify() first")
+        if not isinstance(n, int) or not 0 <= n <= len(draft):
+            raise InvalidArgumentError(f"n must be in [0, {len(draft)}] (the verified draft length)")
+        token = choices[n] if next_token is None else int(next_token)
+        self._target.model.check_tokens([token])
+        self._native.accept(seq_id, n, token)
+        return draft[:n] + [token]
+
+    def rollback(self, seq_id: int = 0) -> list[int]:
+        """Reject the whole verified draft: keep only the target's own next token."""
+        return self.accept(0, seq_id=seq_id)
+
+    def pending(self, seq_id: int = 0) -> tuple[int, int]:
+        """(pending token, its position): the token produced but not yet evaluated."""
+        active, token, n_past = self._native.seq_state(self._check_seq(seq_id))
+        if not active:
+            raise InvalidArgumentError(f"sequence {seq_id} has not been prefilled")
+        return token, n_past
+
+    def reset(self, seq_id: int = 0) -> None:
+        """Forget a sequence in both contexts."""
+        self._native.reset_seq(self._check_seq(seq_id))
+
+    # -- statistics -------------------------------------------------------------------
+    @property
+    def stats(self) -> SpeculativeStats:
+        raw = self._native.stats()
+        return SpeculativeStats(
+            n_draft_max=raw["n_draft_max"], steps=raw["n_steps"], drafted=raw["n_drafted"],
+            accepted=raw["n_accepted"], generated=raw["n_generated"],
+            drafted_at=raw["drafted_at"], accepted_at=raw["accepted_at"],
+            target_s=raw["t_target_us"] / 1e6, draft_s=raw["t_draft_us"] / 1e6, wall_s=self._wall_s)
+
+    def reset_stats(self) -> None:
+        self._native.reset_stats()
+        self._wall_s = 0.0
