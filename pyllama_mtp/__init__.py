@@ -28,7 +28,7 @@ from .errors import (
 )
 from .generation import Sampler, TextStream, generate, stream_text
 from .model import Model
-from .speculative import SpeculativeDecoder, SpeculativeStats
+from .speculative import MemoryReport, SpeculativeDecoder, SpeculativeStats
 
 __all__ = [
     "__version__",
@@ -38,6 +38,7 @@ __all__ = [
     "Sampler",
     "SpeculativeDecoder",
     "SpeculativeStats",
+    "MemoryReport",
     "TextStream",
     "generate",
     "stream_text",

@@ -7,7 +7,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from . import Model, Sampler, TextStream, __version__, fixtures, system_info
+from . import Model, Sampler, SpeculativeDecoder, TextStream, __version__, fixtures, system_info
 
 
 def _progress_bar(label: str):
@@ -27,37 +27,76 @@ def _progress_bar(label: str):
     return report
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    with Model.load(args.model, progress=_progress_bar("loading")) as model, \
-            model.context(n_ctx=args.ctx_size, n_threads=args.threads) as ctx, \
-            Sampler(args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                    seed=args.seed) as sampler:
-        prompt_tokens = model.tokenize(args.prompt)
-        stream = TextStream(model)
-        print(args.prompt, end="", flush=True)
-        start = time.perf_counter()
-        n_generated = 0
-        first_token_at: Optional[float] = None
-        for token in ctx.generate(prompt_tokens, max_tokens=args.n_predict, sampler=sampler):
-            if first_token_at is None:
-                first_token_at = time.perf_counter()
-            n_generated += 1
+def _decode_plain(model: Model, args: argparse.Namespace, prompt_tokens: list, echo: bool) -> tuple:
+    """Plain decoding; returns (tokens, decode tokens/s)."""
+    with model.context(n_ctx=args.ctx_size, n_threads=args.threads) as ctx, \
+            Sampler(args.temp, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p, seed=args.seed) as sampler:
+        return _stream(model, ctx.generate(prompt_tokens, max_tokens=args.n_predict, sampler=sampler), echo)
+
+
+def _decode_mtp(model: Model, args: argparse.Namespace, prompt_tokens: list, echo: bool) -> tuple:
+    """MTP speculative decoding; returns (tokens, decode tokens/s, stats)."""
+    with SpeculativeDecoder.create(model, n_ctx=args.ctx_size, n_draft=args.draft,
+                                   n_threads=args.threads) as decoder:
+        tokens, rate = _stream(model, decoder.generate(prompt_tokens, max_tokens=args.n_predict), echo)
+        return tokens, rate, decoder.stats
+
+
+def _stream(model: Model, token_iter, echo: bool) -> tuple:
+    """Consume a token stream (printing it if echo); rate excludes the prompt and first token."""
+    stream = TextStream(model)
+    tokens = []
+    first_at = None
+    for token in token_iter:
+        if first_at is None:
+            first_at = time.perf_counter()
+        tokens.append(token)
+        if echo:
             print(stream.push(token), end="", flush=True)
-        print(stream.flush())
-        end = time.perf_counter()
-        decode_s = end - (first_token_at or end)
-        rate = (n_generated - 1) / decode_s if n_generated > 1 and decode_s > 0 else 0.0
-        print(f"\n[{model.architecture}: {len(prompt_tokens)} prompt tokens, {n_generated} generated, "
-              f"prompt+first token {((first_token_at or end) - start) * 1e3:.1f} ms, "
-              f"decode {rate:.1f} tokens/s]", file=sys.stderr)
+    end = time.perf_counter()
+    if echo:
+        print(stream.flush(), flush=True)
+    rate = (len(tokens) - 1) / (end - first_at) if first_at and len(tokens) > 1 and end > first_at else 0.0
+    return tokens, rate
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    with Model.load(args.model, progress=_progress_bar("loading"), load_mtp=not args.no_mtp) as model:
+        prompt_tokens = model.tokenize(args.prompt)
+        use_mtp = model.mtp_loaded and not args.no_mtp and args.temp <= 0
+        if model.mtp_loaded and args.temp > 0 and not args.no_mtp:
+            print("[MTP drafting is greedy here: temperature > 0 decodes without it]", file=sys.stderr)
+        print(args.prompt, end="", flush=True)
+        if use_mtp:
+            _, rate, stats = _decode_mtp(model, args, prompt_tokens, echo=True)
+            print(f"[{model.architecture}, MTP n_draft={args.draft}: {rate:.1f} tokens/s, acceptance "
+                  f"{stats.acceptance:.1%}, mean accepted length {stats.mean_accepted_length:.2f}]",
+                  file=sys.stderr)
+        else:
+            _, rate = _decode_plain(model, args, prompt_tokens, echo=True)
+            print(f"[{model.architecture}, no MTP: {rate:.1f} tokens/s]", file=sys.stderr)
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    path = fixtures.make_model("qwen35", acceptance=0.75)
-    print(f"demo model: {path}", file=sys.stderr)
-    args.model = str(path)
-    return cmd_generate(args)
+    make = getattr(fixtures, "make_demo_model", None)
+    print("making the demo model (cached after the first run)...", file=sys.stderr)
+    path = make() if make else fixtures.make_model("qwen35", acceptance=0.75)
+    args.temp = 0.0
+    with Model.load(path, progress=_progress_bar("loading")) as model:
+        print(f"demo model: {model.architecture}, {model.n_params / 1e6:.1f} M parameters, "
+              f"{model.n_layer_nextn} MTP block(s); {path}", file=sys.stderr)
+        prompt_tokens = model.tokenize(args.prompt)
+        plain_tokens, plain_rate = _decode_plain(model, args, prompt_tokens, echo=False)
+        print(args.prompt, end="")
+        mtp_tokens, mtp_rate, stats = _decode_mtp(model, args, prompt_tokens, echo=True)
+    same = "identical to" if mtp_tokens == plain_tokens else "DIFFERENT from"
+    speedup = mtp_rate / plain_rate if plain_rate else 0.0
+    print(f"\nplain decoding: {plain_rate:.1f} tokens/s\n"
+          f"MTP (n_draft={args.draft}): {mtp_rate:.1f} tokens/s, {speedup:.2f}x; acceptance "
+          f"{stats.acceptance:.1%}, mean accepted length {stats.mean_accepted_length:.2f}; "
+          f"output {same} plain greedy decoding")
+    return 0 if mtp_tokens == plain_tokens else 1
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -77,6 +116,7 @@ def _add_generation_options(parser: argparse.ArgumentParser, prompt_default: Opt
     parser.add_argument("--top-p", type=float, default=1.0, help="top-p (1 = off)")
     parser.add_argument("--min-p", type=float, default=0.0, help="min-p (0 = off)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
+    parser.add_argument("--draft", type=int, default=3, help="MTP tokens drafted per step (default 3)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -88,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="generate text from a GGUF model")
     generate.add_argument("-m", "--model", required=True, help="GGUF file")
+    generate.add_argument("--no-mtp", action="store_true", help="plain decoding; MTP layers are not loaded")
     _add_generation_options(generate, None)
     generate.set_defaults(func=cmd_generate)
 

@@ -120,6 +120,7 @@ EPS_TABLE: Dict[str, List[Tuple[float, float]]] = {
 }
 
 _DEFAULT_ACCEPTANCE = 0.75
+_BASE_EMBD, _BASE_LAYER = 64, 4  # the size EPS_TABLE was measured at
 
 # ---------------------------------------------------------------------------
 # Tokenizer: byte-level BPE (GPT-2 byte-to-unicode), a few merges, BOS/EOS.
@@ -194,8 +195,13 @@ def _cache_dir(cache_dir: Optional[Union[str, os.PathLike]]) -> pathlib.Path:
     return pathlib.Path.home() / ".cache" / "pyllama_mtp" / "models"
 
 
-def eps_for_acceptance(arch: str, acceptance: float) -> float:
-    """The ``eps`` whose measured rule agreement (:data:`EPS_TABLE`) is ``acceptance``."""
+def eps_for_acceptance(arch: str, acceptance: float, *, n_embd: int = _BASE_EMBD, n_layer: int = _BASE_LAYER) -> float:
+    """The ``eps`` whose rule agreement is ``acceptance`` for a model of this size.
+
+    Interpolates the measured :data:`EPS_TABLE` (n_embd 64, 4 layers) and scales the
+    result by ``sqrt((n_embd / 64) * (4 / n_layer))`` (see "Other sizes" in the module
+    doc): at 64 x 4 the scale is 1 and the result is the table's.
+    """
     if arch not in EPS_TABLE:
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHES}")
     if not 0.0 < acceptance <= 1.0:
@@ -210,7 +216,14 @@ def eps_for_acceptance(arch: str, acceptance: float) -> float:
             "pass eps= directly"
         )
     # agreement falls as eps grows: interpolate on the reversed (ascending) table
-    return round(float(np.interp(acceptance, agr[::-1], eps[::-1])), 4)
+    base = float(np.interp(acceptance, agr[::-1], eps[::-1]))
+    return round(base * _size_scale(n_embd, n_layer), 4)
+
+
+def _size_scale(n_embd: int, n_layer: int) -> float:
+    if n_embd == _BASE_EMBD and n_layer == _BASE_LAYER:
+        return 1.0
+    return float(np.sqrt((n_embd / _BASE_EMBD) * (_BASE_LAYER / n_layer)))
 
 
 class _W:
@@ -260,10 +273,10 @@ def _nextn(w: _W, p: str, n_embd: int) -> None:
     w.add(f"{p}.nextn.hnorm.weight", w.ones(n_embd))
 
 
-def _build_qwen35(w: _W, n_embd: int, n_layer: int, mtp: bool, eps: float, n_vocab: int, n_ordinary: int):
+def _build_qwen35(w: _W, n_embd: int, n_layer: int, n_mtp: int, eps: float, n_vocab: int, n_ordinary: int,
+                  n_ff: int):
     n_head = n_embd // _HEAD_DIM
     n_head_kv = max(1, n_head // 2)
-    n_ff = 2 * n_embd
     dt_rank = n_embd // _SSM_STATE  # value heads
     d_inner = dt_rank * _SSM_STATE
     key_dim = _SSM_GROUPS * _SSM_STATE
@@ -300,8 +313,8 @@ def _build_qwen35(w: _W, n_embd: int, n_layer: int, mtp: bool, eps: float, n_voc
             attn_block(p, eps)
         _dense_ffn(w, p, n_embd, n_ff, eps * _FFN_EPS_RATIO)
 
-    if mtp:
-        p = f"blk.{n_layer}"
+    for i in range(n_mtp):  # chained heads: every head follows the rule on its own input token
+        p = f"blk.{n_layer + i}"
         w.add(f"{p}.attn_norm.weight", w.ones(n_embd))
         w.add(f"{p}.post_attention_norm.weight", w.ones(n_embd))
         attn_block(p, _MTP_WEAK)
@@ -311,7 +324,7 @@ def _build_qwen35(w: _W, n_embd: int, n_layer: int, mtp: bool, eps: float, n_voc
     kv = {
         "context_length": ("u32", _N_CTX_TRAIN),
         "embedding_length": ("u32", n_embd),
-        "block_count": ("u32", n_layer + (1 if mtp else 0)),
+        "block_count": ("u32", n_layer + n_mtp),
         "feed_forward_length": ("u32", n_ff),
         "attention.head_count": ("u32", n_head),
         "attention.head_count_kv": ("u32", n_head_kv),
@@ -328,15 +341,15 @@ def _build_qwen35(w: _W, n_embd: int, n_layer: int, mtp: bool, eps: float, n_voc
         "ssm.group_count": ("u32", _SSM_GROUPS),
         "full_attention_interval": ("u32", interval),
     }
-    if mtp:
-        kv["nextn_predict_layers"] = ("u32", 1)
+    if n_mtp:
+        kv["nextn_predict_layers"] = ("u32", n_mtp)
     return kv, succ
 
 
-def _build_glm4moe(w: _W, n_embd: int, n_layer: int, mtp: bool, eps: float, n_vocab: int, n_ordinary: int):
+def _build_glm4moe(w: _W, n_embd: int, n_layer: int, n_mtp: int, eps: float, n_vocab: int, n_ordinary: int,
+                   n_ff: int):
     n_head = n_embd // _HEAD_DIM
     n_head_kv = max(1, n_head // 2)
-    n_ff = 2 * n_embd
     n_ff_exp = n_embd // 2
     n_q = n_head * _HEAD_DIM
     n_kv = n_head_kv * _HEAD_DIM
@@ -373,9 +386,9 @@ def _build_glm4moe(w: _W, n_embd: int, n_layer: int, mtp: bool, eps: float, n_vo
     for il in range(n_layer):
         block(il, eps, eps * _FFN_EPS_RATIO)
 
-    if mtp:
-        block(n_layer, _MTP_WEAK, _MTP_WEAK)
-        p = f"blk.{n_layer}"
+    for i in range(n_mtp):
+        block(n_layer + i, _MTP_WEAK, _MTP_WEAK)
+        p = f"blk.{n_layer + i}"
         _nextn(w, p, n_embd)
         # GLM-4.5 MTP blocks carry their own head norm and LM head (optional in the loader)
         w.add(f"{p}.nextn.shared_head_norm.weight", w.ones(n_embd))
@@ -384,7 +397,7 @@ def _build_glm4moe(w: _W, n_embd: int, n_layer: int, mtp: bool, eps: float, n_vo
     kv = {
         "context_length": ("u32", _N_CTX_TRAIN),
         "embedding_length": ("u32", n_embd),
-        "block_count": ("u32", n_layer + (1 if mtp else 0)),
+        "block_count": ("u32", n_layer + n_mtp),
         "feed_forward_length": ("u32", n_ff),
         "expert_feed_forward_length": ("u32", n_ff_exp),
         "attention.head_count": ("u32", n_head),
@@ -402,8 +415,8 @@ def _build_glm4moe(w: _W, n_embd: int, n_layer: int, mtp: bool, eps: float, n_vo
         "expert_weights_norm": ("bool", True),
         "expert_gating_func": ("u32", 2),  # sigmoid
     }
-    if mtp:
-        kv["nextn_predict_layers"] = ("u32", 1)
+    if n_mtp:
+        kv["nextn_predict_layers"] = ("u32", n_mtp)
     return kv, succ
 
 
@@ -427,6 +440,8 @@ def make_model(
     seed: int = 0,
     cache_dir: Optional[Union[str, os.PathLike]] = None,
     ftype: str = "f32",
+    n_mtp: int = 1,
+    n_ff: Optional[int] = None,
 ) -> pathlib.Path:
     """Write (or reuse) a tiny GGUF model and return its path.
 
@@ -434,6 +449,15 @@ def make_model(
     attention, one appended MTP block) or ``"glm4moe"`` (attention-only, one leading
     dense layer then tiny MoE layers with a shared expert, one appended MoE MTP block).
     ``mtp=False`` omits the MTP block and the ``nextn_predict_layers`` key.
+
+    ``n_mtp`` (with ``mtp=True``) appends that many MTP blocks, ``blk.{n_layer}`` ..
+    ``blk.{n_layer + n_mtp - 1}`` (``nextn_predict_layers = n_mtp``), each built like the
+    single one (weak own attention / FFN, ``eh_proj`` passing the embedding half
+    through), so head ``i`` of a chained draft predicts ``succ`` of its input token and
+    a chain keeps following the rule. The pinned llama.cpp *loads* such a file for both
+    arches (``llama_model_n_layer_nextn == n_mtp``) and the trunk runs normally, but
+    both ``graph_mtp`` constructors ``GGML_ASSERT(n_layer_nextn == 1)``: creating an MTP
+    context from an ``n_mtp > 1`` file aborts the process (see the module doc).
 
     ``acceptance`` (default 0.75 when ``eps`` is not given) picks ``eps`` from the
     measured :data:`EPS_TABLE`; ``eps`` sets the context-mixing scale directly (0 gives a
@@ -448,22 +472,38 @@ def make_model(
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHES}")
     if acceptance is not None and eps is not None:
         raise ValueError("give acceptance or eps, not both")
-    if eps is None:
-        eps = eps_for_acceptance(arch, _DEFAULT_ACCEPTANCE if acceptance is None else acceptance)
-    eps = float(eps)
-    if eps < 0:
-        raise ValueError("eps must be >= 0")
     if n_embd < 32 or n_embd % 32:
         raise ValueError("n_embd must be a positive multiple of 32")
     if n_layer < 2:
         raise ValueError("n_layer must be >= 2")
+    if eps is None:
+        eps = eps_for_acceptance(arch, _DEFAULT_ACCEPTANCE if acceptance is None else acceptance,
+                                 n_embd=n_embd, n_layer=n_layer)
+    eps = float(eps)
+    if eps < 0:
+        raise ValueError("eps must be >= 0")
     if ftype not in ("f32", "f16"):
         raise ValueError("ftype must be 'f32' or 'f16'")
+    n_mtp = int(n_mtp)
+    if n_mtp < 1:
+        raise ValueError("n_mtp must be >= 1 (use mtp=False for no MTP block)")
+    if not mtp and n_mtp != 1:
+        raise ValueError("n_mtp applies only with mtp=True")
+    n_ff = 2 * n_embd if n_ff is None else int(n_ff)
+    if n_ff < 32 or n_ff % 32:
+        raise ValueError("n_ff must be a positive multiple of 32")
 
     params = dict(arch=arch, mtp=bool(mtp), eps=round(eps, 6), n_embd=n_embd, n_layer=n_layer,
                   seed=int(seed), ftype=ftype, v=GENERATOR_VERSION)
+    tag = ""
+    if n_mtp != 1:  # absent at their defaults: those files keep their names and bytes
+        params["n_mtp"] = n_mtp
+        tag = f"-m{n_mtp}"
+    if n_ff != 2 * n_embd:
+        params["n_ff"] = n_ff
+        tag += f"-f{n_ff}"
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
-    name = (f"{arch}-{'mtp' if mtp else 'nomtp'}-eps{eps:g}-e{n_embd}-l{n_layer}-s{seed}-{ftype}"
+    name = (f"{arch}-{'mtp' if mtp else 'nomtp'}{tag}-eps{eps:g}-e{n_embd}-l{n_layer}-s{seed}-{ftype}"
             f"-g{GENERATOR_VERSION}-{digest}.gguf")
     directory = _cache_dir(cache_dir)
     path = directory / name
@@ -473,7 +513,8 @@ def make_model(
 
     tokens, types, n_ordinary, bos, eos = byte_vocab()
     w = _W(seed, ftype)
-    kv, succ = _BUILDERS[arch](w, n_embd, n_layer, bool(mtp), eps, len(tokens), n_ordinary)
+    kv, succ = _BUILDERS[arch](w, n_embd, n_layer, n_mtp if mtp else 0, eps, len(tokens), n_ordinary,
+                               n_ff)
 
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".gguf", dir=directory)
     os.close(fd)

@@ -36,6 +36,7 @@ class Model(Resource):
         self._hparams = hp
         self._metadata = native.metadata()
         self._mtp_loaded = load_mtp and hp["n_layer_nextn"] > 0
+        self._mtp_bytes: Optional[int] = None
         self._mark_open()
 
     @classmethod
@@ -142,6 +143,18 @@ class Model(Resource):
     def mtp_loaded(self) -> bool:
         """MTP layers are in memory, so this model can draft."""
         return self._mtp_loaded
+
+    @property
+    def mtp_weight_bytes(self) -> int:
+        """Bytes of the MTP (nextn) blocks' tensors in the file (0 without MTP layers)."""
+        if self._mtp_bytes is None:
+            from gguf import GGUFReader  # read lazily: only the tensor table is touched
+
+            prefixes = tuple(f"blk.{self.n_layer + i}." for i in range(self.n_layer_nextn))
+            reader = GGUFReader(self._path, "r")
+            self._mtp_bytes = sum(int(t.n_bytes) for t in reader.tensors
+                                  if prefixes and t.name.startswith(prefixes))
+        return self._mtp_bytes
 
     @property
     def n_ctx_train(self) -> int:

@@ -19,7 +19,7 @@ from ._resource import Resource
 from .context import Context
 from .errors import InvalidArgumentError
 
-__all__ = ["SpeculativeDecoder", "SpeculativeStats"]
+__all__ = ["SpeculativeDecoder", "SpeculativeStats", "MemoryReport"]
 
 
 @dataclass
@@ -70,6 +70,39 @@ class SpeculativeStats:
             f"{self.tokens_per_second:.1f} tokens/s, time: target {self.target_s * 1e3:.1f} ms, "
             f"draft {self.draft_s * 1e3:.1f} ms, other {self.python_s * 1e3:.1f} ms"
         )
+
+
+@dataclass
+class MemoryReport:
+    """Bytes that MTP costs, next to what the model costs anyway.
+
+    ``target`` and ``draft`` are :meth:`Context.memory_breakdown` lists (per buffer type,
+    i.e. per device): their ``model`` entries are the *same* shared weights, counted once.
+    """
+
+    mtp_weights: int
+    model_weights: int
+    target: list
+    draft: list
+    recurrent_snapshots: int
+
+    @property
+    def draft_context(self) -> int:
+        """The draft context's own memory: its KV cache and compute buffers."""
+        return sum(entry["context"] + entry["compute"] for entry in self.draft)
+
+    @property
+    def mtp_total(self) -> int:
+        """Everything MTP adds: its weights, the draft context, the rollback snapshots."""
+        return self.mtp_weights + self.draft_context + self.recurrent_snapshots
+
+    def __str__(self) -> str:
+        mib = 1 / (1 << 20)
+        devices = ", ".join(f"{e['buffer_type']}: ctx {e['context'] * mib:.1f} + compute "
+                            f"{e['compute'] * mib:.1f} MiB" for e in self.draft)
+        return (f"MTP costs {self.mtp_total * mib:.1f} MiB: weights {self.mtp_weights * mib:.1f} MiB "
+                f"(of {self.model_weights * mib:.1f} MiB), draft context {self.draft_context * mib:.1f} MiB "
+                f"[{devices}], recurrent snapshots {self.recurrent_snapshots * mib:.1f} MiB")
 
 
 class SpeculativeDecoder(Resource):
@@ -312,6 +345,29 @@ class SpeculativeDecoder(Resource):
     def reset(self, seq_id: int = 0) -> None:
         """Forget a sequence in both contexts."""
         self._native.reset_seq(self._check_seq(seq_id))
+
+    # -- memory -----------------------------------------------------------------------
+    def memory_report(self) -> "MemoryReport":
+        """What MTP costs in memory here: MTP weights, the draft context, and the
+        recurrent-state snapshots that rollback needs in the target context."""
+        model = self._target.model
+        snapshots = 0
+        if self._target.n_rs_seq > 0:
+            # Measured, not modelled: two throwaway target-like contexts, KV kept minimal,
+            # that differ only in their snapshot count.
+            sizes = []
+            for n_rs_seq in (0, self._target.n_rs_seq):
+                with Context(model, n_ctx=256, n_batch=32, n_seq_max=self._target.n_seq_max,
+                             n_rs_seq=n_rs_seq, n_threads=1) as probe:
+                    sizes.append(sum(entry["context"] for entry in probe.memory_breakdown()))
+            snapshots = max(0, sizes[1] - sizes[0])
+        return MemoryReport(
+            mtp_weights=model.mtp_weight_bytes,
+            model_weights=model.size,
+            target=self._target.memory_breakdown(),
+            draft=self._draft_ctx.memory_breakdown(),
+            recurrent_snapshots=snapshots,
+        )
 
     # -- statistics -------------------------------------------------------------------
     @property

@@ -168,3 +168,29 @@ def test_full_context_keeps_accepted_tokens(model):
         assert produced == plain_greedy(model, PROMPTS[0], len(produced), n_ctx=2 * n_ctx)
         decoder.reset()
         assert list(decoder.generate(PROMPTS[0], max_tokens=20, stop_at_eog=False)) == produced[:20]
+
+
+def test_draft_context_shares_the_weights(model_path):
+    """The draft context adds its KV and buffers, never a second copy of the weights."""
+    psutil = pytest.importorskip("psutil")
+    process = psutil.Process()
+    path = model_path("qwen35", n_embd=512, n_layer=4)
+    with Model.load(path, use_mmap=False) as model, model.context(n_ctx=512, n_rs_seq=4, **CTX) as target:
+        before = process.memory_info().rss
+        with model.mtp_context(target) as draft:
+            after = process.memory_info().rss
+            target_weights = {e["buffer_type"]: e["model"] for e in target.memory_breakdown()}
+            draft_weights = {e["buffer_type"]: e["model"] for e in draft.memory_breakdown()}
+            draft_own = sum(e["context"] + e["compute"] for e in draft.memory_breakdown())
+            with SpeculativeDecoder(target, draft, n_draft=3) as decoder:
+                report = decoder.memory_report()
+        assert model.size > 20 << 20
+        # Same weight buffers seen from both contexts; the process grew by about the
+        # draft's own buffers, far less than the weights.
+        assert draft_weights == target_weights
+        assert after - before < draft_own + (8 << 20)
+        assert after - before < model.size // 4
+        assert 0 < report.mtp_weights < model.size
+        assert report.recurrent_snapshots > 0
+        assert report.draft_context == draft_own
+        assert "MTP costs" in str(report)
