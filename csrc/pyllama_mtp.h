@@ -46,6 +46,12 @@ PMTP_API const char * pmtp_llama_commit(void);
 /* Comma-separated ggml backend targets compiled into this build (e.g. "ggml-cpu,ggml-vulkan"). */
 PMTP_API const char * pmtp_compiled_backends(void);
 
+/* ---- backends ---- */
+
+/* Register a ggml RPC server ("host:port") as a device. PMTP_ERR_ARGUMENT when this build
+ * has no RPC backend, PMTP_ERR_INTERNAL when the server cannot be reached. */
+PMTP_API int32_t pmtp_rpc_add_server(const char * endpoint);
+
 /* ---- decoding ---- */
 
 /* Decode n tokens, one sequence id each (arrays of n; output may be NULL = last token only).

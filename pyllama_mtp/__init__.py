@@ -27,7 +27,7 @@ from .errors import (
     StateError,
 )
 from .generation import Sampler, TextStream, generate, stream_text
-from .model import Model
+from .model import Model, quantize
 from .speculative import MemoryReport, SpeculativeDecoder, SpeculativeStats
 
 __all__ = [
@@ -41,9 +41,11 @@ __all__ = [
     "MemoryReport",
     "TextStream",
     "generate",
+    "quantize",
     "stream_text",
     "system_info",
     "devices",
+    "add_rpc_server",
     "DeviceInfo",
     "LlamaError",
     "ModelLoadError",
@@ -61,6 +63,12 @@ __all__ = [
 def devices() -> list[DeviceInfo]:
     """Devices the compiled backends see (name, type, memory)."""
     return _lowlevel.devices()
+
+
+def add_rpc_server(endpoint: str) -> None:
+    """Use a ggml RPC server ("host:port") as a device. The RPC protocol has no
+    authentication: run servers on loopback or a network you trust."""
+    _lowlevel.add_rpc_server(endpoint)
 
 
 def system_info() -> dict[str, Any]:

@@ -141,6 +141,49 @@ def devices() -> list[DeviceInfo]:
     return found
 
 
+def add_rpc_server(endpoint: str) -> None:
+    """Register a ggml RPC server as a device (it then appears in :func:`devices`)."""
+    status = lib.pmtp_rpc_add_server(endpoint.encode())
+    if status == lib.PMTP_ERR_ARGUMENT:
+        raise InvalidArgumentError("this build has no RPC backend (build with GGML_RPC=ON)")
+    check_status(status, f"connecting to the RPC server at {endpoint}")
+
+
+def device_handle(name: str) -> Any:
+    dev = lib.ggml_backend_dev_by_name(name.encode())
+    if dev == ffi.NULL:
+        known = ", ".join(d.name for d in devices())
+        raise InvalidArgumentError(f"no device named {name!r} (this build sees: {known})")
+    return dev
+
+
+QUANT_TYPES = {
+    "f32": lib.LLAMA_FTYPE_ALL_F32,
+    "f16": lib.LLAMA_FTYPE_MOSTLY_F16,
+    "bf16": lib.LLAMA_FTYPE_MOSTLY_BF16,
+    "q4_0": lib.LLAMA_FTYPE_MOSTLY_Q4_0,
+    "q8_0": lib.LLAMA_FTYPE_MOSTLY_Q8_0,
+    "q4_k_s": lib.LLAMA_FTYPE_MOSTLY_Q4_K_S,
+    "q4_k_m": lib.LLAMA_FTYPE_MOSTLY_Q4_K_M,
+    "q5_k_m": lib.LLAMA_FTYPE_MOSTLY_Q5_K_M,
+    "q6_k": lib.LLAMA_FTYPE_MOSTLY_Q6_K,
+}
+
+
+def quantize(source: str, destination: str, ftype: str, n_threads: int, pure: bool) -> None:
+    """llama.cpp's own quantizer (llama_model_quantize): source GGUF -> destination GGUF."""
+    params = lib.llama_model_quantize_default_params()
+    params.nthread = n_threads
+    params.ftype = QUANT_TYPES[ftype]
+    params.pure = pure
+    params.allow_requantize = True
+    params_ptr = ffi.new("llama_model_quantize_params *")
+    params_ptr[0] = params
+    status = lib.llama_model_quantize(os.fsencode(source), os.fsencode(destination), params_ptr)
+    if status != 0:
+        raise LlamaError(f"quantizing {source} to {ftype} failed (see the 'pyllama_mtp.llama_cpp' log)")
+
+
 # ---------------------------------------------------------------------------
 # Native handles
 # ---------------------------------------------------------------------------
@@ -210,9 +253,26 @@ class NativeModel(_NativeHandle):
         use_mmap: bool,
         vocab_only: bool = False,
         progress: Optional[Callable[[float], Optional[bool]]] = None,
+        devices: Optional[list[str]] = None,
+        overrides: Optional[list[tuple[str, str]]] = None,
     ) -> None:
         params = lib.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
+        keep_alive = []  # C strings and arrays must outlive the load call
+        if devices is not None:
+            device_array = ffi.new("ggml_backend_dev_t[]", [device_handle(d) for d in devices] + [ffi.NULL])
+            keep_alive.append(device_array)
+            params.devices = device_array
+        if overrides:
+            # (tensor-name regex, device): put matching weights, and their compute, there.
+            entries = ffi.new("struct llama_model_tensor_buft_override[]", len(overrides) + 1)
+            for i, (pattern, device) in enumerate(overrides):
+                c_pattern = ffi.new("char[]", pattern.encode())
+                keep_alive.append(c_pattern)
+                entries[i].pattern = c_pattern
+                entries[i].buft = lib.ggml_backend_dev_buffer_type(device_handle(device))
+            keep_alive.append(entries)
+            params.tensor_buft_overrides = entries
         params.load_mtp = load_mtp
         params.vocab_only = vocab_only
         params.load_mode = lib.LLAMA_LOAD_MODE_MMAP if use_mmap else lib.LLAMA_LOAD_MODE_NONE

@@ -16,8 +16,12 @@ from .errors import ModelLoadError
 _GGUF_MAGIC = b"GGUF"
 
 
-def check_gguf_file(path: str) -> None:
-    """Raise ModelLoadError if ``path`` is not a structurally sound GGUF file."""
+def check_gguf_file(path: str) -> dict:
+    """Raise ModelLoadError if ``path`` is not a structurally sound GGUF file.
+
+    Returns what the loader needs to know before llama.cpp runs: architecture, trunk
+    block count and MTP block count.
+    """
     try:
         with open(path, "rb") as handle:
             magic = handle.read(4)
@@ -49,3 +53,12 @@ def check_gguf_file(path: str) -> None:
                 f"({file_size} bytes): the file is truncated or corrupt")
         if int(np.prod(shape, dtype=np.float64)) != int(tensor.n_elements):
             raise ModelLoadError(f"{path}: tensor {tensor.name!r} has inconsistent dimensions")
+
+    def scalar(key: str, default=None):
+        field = reader.fields.get(key)
+        return default if field is None else field.contents()
+
+    arch = scalar("general.architecture", "")
+    n_blocks = int(scalar(f"{arch}.block_count", 0) or 0)
+    n_nextn = int(scalar(f"{arch}.nextn_predict_layers", 0) or 0)
+    return {"architecture": arch, "n_layer": n_blocks - n_nextn, "n_layer_nextn": n_nextn}

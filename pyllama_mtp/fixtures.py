@@ -28,8 +28,8 @@ weights follow a *successor rule*:
 Measured eps -> agreement (:func:`measure_rule_agreement` with its defaults: 3 prompts
 x 200 greedy tokens; n_embd 64, 4 trunk layers, f32; pinned llama.cpp on CPU; mean of
 seeds 0, 1, 2, the seed-to-seed spread is a few points, up to ~0.08 on the steep part).
-``acceptance=`` maps to ``eps`` by interpolating these rows (:data:`EPS_TABLE`); other
-sizes shift the curve, so tests should measure rather than assume.
+``acceptance=`` maps to ``eps`` by interpolating these rows (:data:`EPS_TABLE`), scaled
+for other sizes (below); tests should still measure rather than assume.
 
 =====  ======  =======
 eps    qwen35  glm4moe
@@ -46,6 +46,49 @@ eps    qwen35  glm4moe
 3.0    0.373   0.151
 4.0    0.180   -
 =====  ======  =======
+
+Other sizes: the agreement at a given ``eps`` rises with ``n_embd`` (the successor
+logit grows like ``sqrt(n_embd)``, the context terms' effect on competing logits does
+not) and falls with ``n_layer`` (the context terms add up), so ``acceptance=`` uses
+``eps = table_eps(acceptance) * sqrt((n_embd / 64) * (4 / n_layer))``
+(:func:`eps_for_acceptance`; scale 1 at 64 x 4, so those files are unchanged). Checked
+(seed 0, defaults of :func:`measure_rule_agreement`, head dim 16) at the eps this gives
+for 0.75: qwen35 256 x 4 (eps 4.07) 0.78, 512 x 4 (5.75) 0.75, 64 x 8 (1.44) 0.77;
+glm4moe 256 x 4 (2.98) 0.77, 64 x 8 (1.05) 0.73; qwen35 1024 x 8 f16 (rule: 5.75; 100
+tokens a prompt) gave 0.99 at eps 4 and 0.74 at eps 6. A larger ``head_dim`` shifts
+the curve (1024 x 12 with head dim 64 needs ~6% more eps than the rule gives) and is
+not corrected for; ``n_ff`` does not enter (FFN outputs are normalised by the width).
+
+Chained MTP heads (``n_mtp > 1``): the file gets ``n_mtp`` MTP blocks after the trunk,
+each built like the single one, so every head of a chain (head ``i`` drafts position
+``i``, ``llama_set_nextn_layer_offset(ctx, i)``) predicts ``succ`` of its input token,
+and with ``n_mtp = 1`` the bytes are those of earlier versions. The pinned llama.cpp
+loads these files for both arches (``llama_model_n_layer_nextn == n_mtp``, the trunk
+decodes normally), but cannot run them as drafters: ``graph_mtp`` of qwen35
+(``src/models/qwen35.cpp``) and of glm4moe (``src/models/glm4-moe.cpp``) both
+``GGML_ASSERT(hparams.n_layer_nextn == 1)``, so creating an MTP context from such a file
+aborts the process (in ``llama_init_from_model`` -> ``sched_reserve`` -> ``graph_mtp``).
+qwen35's graph would not chain anyway (it always uses layer ``n_layer`` and ignores
+the offset); glm4moe's reads the offset but keeps the assert. Only step35, mimo2 and
+hy-v3 build a per-offset head without that assert.
+
+Demo model (:func:`make_demo_model`, :data:`DEMO_CONFIG`): qwen35, n_embd 1024, 12
+trunk layers, head dim 64, n_ff 2048, f32, one MTP block: 133.9 M parameters, a 536 MB
+file written in ~4 s. Tiny fixtures are overhead-bound and MTP makes them slower; at
+this size plain decoding reads ~0.5 GB of weights a token and is memory-bound on a
+small CPU, so verifying several tokens at once costs ~1.3-1.5x one token and MTP wins.
+Head dim 64 because CPU flash attention (on by default) is slow for many 16-wide heads
+(an 8-token batch cost twice as much as without it). f16 halves the file (268 MB) but
+gains nothing: plain ~98 tokens/s, MTP n_draft 3 ~95-102 (its multi-token batches cost
+relatively more than f32's). Agreement
+measured at this size (:data:`DEMO_EPS_TABLE`, seed 0, 3 prompts x 200 tokens): eps 3
+0.997, 3.5 0.99, 4 0.917, 4.5 0.845, 5 0.748 (seeds 1, 2: 0.715, 0.758), 5.5 0.667,
+6 0.583, 7 0.39, 8 0.283. At the default 0.75 (eps 4.99): rule agreement 0.72, the MTP
+head's :func:`measure_mtp_agreement` 0.745. On a 2-core AMD EPYC VM (AVX-512, n_threads
+2, flash attention default, 200 greedy tokens after "The quick brown fox", three runs,
+memory bandwidth varies from run to run): plain 45-53 tokens/s; MTP n_draft 1: 62-70
+(first-position acceptance 80%), 2: 69-80 (66% of drafts accepted), 3: 74-85 (59%),
+4: 72-87 (50%); every run token-identical to plain greedy decoding.
 
 The trunk does not depend on ``mtp``: for one seed and eps, ``mtp=True`` and
 ``mtp=False`` write the same trunk tensors (the MTP block is drawn last).
@@ -71,7 +114,8 @@ tensors are skipped with "unused tensor" warnings), and creating an MTP context 
 such a model aborts the process in ``graph_mtp`` (GGML_ASSERT on ``nextn.eh_proj``)
 instead of returning NULL; an MTP context on a model without MTP layers returns NULL.
 
-Public API: :func:`make_model`, :func:`successor_map`, :func:`fixture_info`,
+Public API: :func:`make_model`, :func:`make_demo_model`, :func:`eps_for_acceptance`,
+:func:`successor_map`, :func:`fixture_info`,
 :func:`byte_vocab`, :func:`greedy_generate`, :func:`measure_rule_agreement`,
 :func:`measure_mtp_agreement`.
 """
@@ -93,6 +137,9 @@ __all__ = [
     "EPS_TABLE",
     "SUCC_KEY",
     "make_model",
+    "make_demo_model",
+    "DEMO_CONFIG",
+    "DEMO_EPS_TABLE",
     "eps_for_acceptance",
     "successor_map",
     "fixture_info",
@@ -174,6 +221,13 @@ _LOGIT_GAIN = 1.0  # top logit ~ 8 * gain with n_embd 64
 # q/k norm weights: attention sharp enough to pick out specific tokens (sharper also
 # amplifies flash-attention's f16 rounding, see the module doc)
 _QK_GAIN = {"qwen35": 1.5, "glm4moe": 2.0}
+
+
+def _qk_gain(arch: str, head_dim: int) -> float:
+    # attention logits grow like gain**2 * sqrt(head_dim): keep them at the 16-dim sharpness
+    if head_dim == _HEAD_DIM:
+        return _QK_GAIN[arch]
+    return _QK_GAIN[arch] * (_HEAD_DIM / head_dim) ** 0.25
 _FFN_EPS_RATIO = 0.5  # FFN output projections are scaled by eps * this
 _MTP_WEAK = 0.05  # scale of the MTP block's own attention / FFN output projections
 _MTP_H_MIX = 0.1  # how much of the trunk hidden state eh_proj lets through
@@ -195,7 +249,8 @@ def _cache_dir(cache_dir: Optional[Union[str, os.PathLike]]) -> pathlib.Path:
     return pathlib.Path.home() / ".cache" / "pyllama_mtp" / "models"
 
 
-def eps_for_acceptance(arch: str, acceptance: float, *, n_embd: int = _BASE_EMBD, n_layer: int = _BASE_LAYER) -> float:
+def eps_for_acceptance(arch: str, acceptance: float, *, n_embd: int = _BASE_EMBD,
+                       n_layer: int = _BASE_LAYER) -> float:
     """The ``eps`` whose rule agreement is ``acceptance`` for a model of this size.
 
     Interpolates the measured :data:`EPS_TABLE` (n_embd 64, 4 layers) and scales the
@@ -206,18 +261,21 @@ def eps_for_acceptance(arch: str, acceptance: float, *, n_embd: int = _BASE_EMBD
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHES}")
     if not 0.0 < acceptance <= 1.0:
         raise ValueError("acceptance must be in (0, 1]")
-    table = EPS_TABLE[arch]
+    base = _interp_eps(EPS_TABLE[arch], acceptance, arch)
+    return round(base * _size_scale(n_embd, n_layer), 4)
+
+
+def _interp_eps(table: Sequence[Tuple[float, float]], acceptance: float, label: str) -> float:
     eps = np.array([e for e, _ in table], dtype=np.float64)
     agr = np.array([a for _, a in table], dtype=np.float64)
     lo, hi = float(agr.min()), float(agr.max())
     if not lo <= acceptance <= hi:
         raise ValueError(
-            f"acceptance {acceptance} is outside the measured range [{lo:.2f}, {hi:.2f}] for {arch}; "
+            f"acceptance {acceptance} is outside the measured range [{lo:.2f}, {hi:.2f}] for {label}; "
             "pass eps= directly"
         )
     # agreement falls as eps grows: interpolate on the reversed (ascending) table
-    base = float(np.interp(acceptance, agr[::-1], eps[::-1]))
-    return round(base * _size_scale(n_embd, n_layer), 4)
+    return float(np.interp(acceptance, agr[::-1], eps[::-1]))
 
 
 def _size_scale(n_embd: int, n_layer: int) -> float:
@@ -274,8 +332,9 @@ def _nextn(w: _W, p: str, n_embd: int) -> None:
 
 
 def _build_qwen35(w: _W, n_embd: int, n_layer: int, n_mtp: int, eps: float, n_vocab: int, n_ordinary: int,
-                  n_ff: int):
-    n_head = n_embd // _HEAD_DIM
+                  n_ff: int, head_dim: int):
+    qk_gain = _qk_gain("qwen35", head_dim)
+    n_head = n_embd // head_dim
     n_head_kv = max(1, n_head // 2)
     dt_rank = n_embd // _SSM_STATE  # value heads
     d_inner = dt_rank * _SSM_STATE
@@ -287,12 +346,12 @@ def _build_qwen35(w: _W, n_embd: int, n_layer: int, n_mtp: int, eps: float, n_vo
 
     def attn_block(p: str, out_scale: float) -> None:
         # joint Q + gate projection: per head [q(16) | gate(16)]
-        w.add(f"{p}.attn_q.weight", w.lin(2 * n_head * _HEAD_DIM, n_embd))
-        w.add(f"{p}.attn_k.weight", w.lin(n_head_kv * _HEAD_DIM, n_embd))
-        w.add(f"{p}.attn_v.weight", w.lin(n_head_kv * _HEAD_DIM, n_embd))
-        w.add(f"{p}.attn_output.weight", w.lin(n_embd, n_head * _HEAD_DIM, out_scale))
-        w.add(f"{p}.attn_q_norm.weight", w.ones(_HEAD_DIM, _QK_GAIN["qwen35"]))
-        w.add(f"{p}.attn_k_norm.weight", w.ones(_HEAD_DIM, _QK_GAIN["qwen35"]))
+        w.add(f"{p}.attn_q.weight", w.lin(2 * n_head * head_dim, n_embd))
+        w.add(f"{p}.attn_k.weight", w.lin(n_head_kv * head_dim, n_embd))
+        w.add(f"{p}.attn_v.weight", w.lin(n_head_kv * head_dim, n_embd))
+        w.add(f"{p}.attn_output.weight", w.lin(n_embd, n_head * head_dim, out_scale))
+        w.add(f"{p}.attn_q_norm.weight", w.ones(head_dim, qk_gain))
+        w.add(f"{p}.attn_k_norm.weight", w.ones(head_dim, qk_gain))
 
     for il in range(n_layer):
         p = f"blk.{il}"
@@ -328,8 +387,8 @@ def _build_qwen35(w: _W, n_embd: int, n_layer: int, n_mtp: int, eps: float, n_vo
         "feed_forward_length": ("u32", n_ff),
         "attention.head_count": ("u32", n_head),
         "attention.head_count_kv": ("u32", n_head_kv),
-        "attention.key_length": ("u32", _HEAD_DIM),
-        "attention.value_length": ("u32", _HEAD_DIM),
+        "attention.key_length": ("u32", head_dim),
+        "attention.value_length": ("u32", head_dim),
         "attention.layer_norm_rms_epsilon": ("f32", _RMS_EPS),
         "rope.dimension_count": ("u32", _N_ROT),
         "rope.dimension_sections": ("i32[]", _ROPE_SECTIONS),
@@ -347,12 +406,13 @@ def _build_qwen35(w: _W, n_embd: int, n_layer: int, n_mtp: int, eps: float, n_vo
 
 
 def _build_glm4moe(w: _W, n_embd: int, n_layer: int, n_mtp: int, eps: float, n_vocab: int, n_ordinary: int,
-                   n_ff: int):
-    n_head = n_embd // _HEAD_DIM
+                   n_ff: int, head_dim: int):
+    qk_gain = _qk_gain("glm4moe", head_dim)
+    n_head = n_embd // head_dim
     n_head_kv = max(1, n_head // 2)
     n_ff_exp = n_embd // 2
-    n_q = n_head * _HEAD_DIM
-    n_kv = n_head_kv * _HEAD_DIM
+    n_q = n_head * head_dim
+    n_kv = n_head_kv * head_dim
 
     out, succ = _common_head(w, n_embd, n_vocab, n_ordinary)
 
@@ -367,8 +427,8 @@ def _build_glm4moe(w: _W, n_embd: int, n_layer: int, n_mtp: int, eps: float, n_v
         w.add(f"{p}.attn_k.bias", (0.1 * w.rng.standard_normal(n_kv)).astype(np.float32))
         w.add(f"{p}.attn_v.bias", (0.1 * w.rng.standard_normal(n_kv)).astype(np.float32))
         w.add(f"{p}.attn_output.weight", w.lin(n_embd, n_q, attn_scale))
-        w.add(f"{p}.attn_q_norm.weight", w.ones(_HEAD_DIM, _QK_GAIN["glm4moe"]))
-        w.add(f"{p}.attn_k_norm.weight", w.ones(_HEAD_DIM, _QK_GAIN["glm4moe"]))
+        w.add(f"{p}.attn_q_norm.weight", w.ones(head_dim, qk_gain))
+        w.add(f"{p}.attn_k_norm.weight", w.ones(head_dim, qk_gain))
         if il < _N_DENSE_LEAD:
             _dense_ffn(w, p, n_embd, n_ff, ffn_scale)
         else:
@@ -402,8 +462,8 @@ def _build_glm4moe(w: _W, n_embd: int, n_layer: int, n_mtp: int, eps: float, n_v
         "expert_feed_forward_length": ("u32", n_ff_exp),
         "attention.head_count": ("u32", n_head),
         "attention.head_count_kv": ("u32", n_head_kv),
-        "attention.key_length": ("u32", _HEAD_DIM),
-        "attention.value_length": ("u32", _HEAD_DIM),
+        "attention.key_length": ("u32", head_dim),
+        "attention.value_length": ("u32", head_dim),
         "attention.layer_norm_rms_epsilon": ("f32", _RMS_EPS),
         "rope.dimension_count": ("u32", _N_ROT),
         "rope.freq_base": ("f32", 10000.0),
@@ -442,6 +502,7 @@ def make_model(
     ftype: str = "f32",
     n_mtp: int = 1,
     n_ff: Optional[int] = None,
+    head_dim: int = _HEAD_DIM,
 ) -> pathlib.Path:
     """Write (or reuse) a tiny GGUF model and return its path.
 
@@ -460,8 +521,13 @@ def make_model(
     context from an ``n_mtp > 1`` file aborts the process (see the module doc).
 
     ``acceptance`` (default 0.75 when ``eps`` is not given) picks ``eps`` from the
-    measured :data:`EPS_TABLE`; ``eps`` sets the context-mixing scale directly (0 gives a
-    trunk that follows the successor rule everywhere). Give one or the other.
+    measured :data:`EPS_TABLE`, scaled for ``n_embd`` / ``n_layer`` (see
+    :func:`eps_for_acceptance`); ``eps`` sets the context-mixing scale directly (0 gives
+    a trunk that follows the successor rule everywhere). Give one or the other.
+
+    ``n_ff`` (default ``2 * n_embd``) is the dense FFN width; ``head_dim`` (16, 32, 64 or
+    128; default 16) the attention head size, with the q/k norm gain adjusted to keep
+    attention about as sharp. Both enter the file name only when not the default.
 
     ``n_embd`` must be a multiple of 32; ``ftype`` is ``"f32"`` or ``"f16"`` (norms, the
     conv kernel and the MoE router stay f32). The file lands in ``cache_dir`` (default
@@ -492,6 +558,9 @@ def make_model(
     n_ff = 2 * n_embd if n_ff is None else int(n_ff)
     if n_ff < 32 or n_ff % 32:
         raise ValueError("n_ff must be a positive multiple of 32")
+    head_dim = int(head_dim)
+    if head_dim not in (16, 32, 64, 128) or n_embd % head_dim:
+        raise ValueError("head_dim must be 16, 32, 64 or 128 and divide n_embd")
 
     params = dict(arch=arch, mtp=bool(mtp), eps=round(eps, 6), n_embd=n_embd, n_layer=n_layer,
                   seed=int(seed), ftype=ftype, v=GENERATOR_VERSION)
@@ -502,6 +571,9 @@ def make_model(
     if n_ff != 2 * n_embd:
         params["n_ff"] = n_ff
         tag += f"-f{n_ff}"
+    if head_dim != _HEAD_DIM:
+        params["head_dim"] = head_dim
+        tag += f"-h{head_dim}"
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
     name = (f"{arch}-{'mtp' if mtp else 'nomtp'}{tag}-eps{eps:g}-e{n_embd}-l{n_layer}-s{seed}-{ftype}"
             f"-g{GENERATOR_VERSION}-{digest}.gguf")
@@ -514,7 +586,7 @@ def make_model(
     tokens, types, n_ordinary, bos, eos = byte_vocab()
     w = _W(seed, ftype)
     kv, succ = _BUILDERS[arch](w, n_embd, n_layer, n_mtp if mtp else 0, eps, len(tokens), n_ordinary,
-                               n_ff)
+                               n_ff, head_dim)
 
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".gguf", dir=directory)
     os.close(fd)
@@ -528,6 +600,32 @@ def make_model(
             pass
         raise
     return path
+
+
+#: The demo model's shape (see "Demo model" in the module doc): ~134 M parameters, f32.
+DEMO_CONFIG = dict(arch="qwen35", n_embd=1024, n_layer=12, head_dim=64, ftype="f32", seed=0)
+
+#: Measured eps -> rule agreement for :data:`DEMO_CONFIG` (seed 0), ascending eps.
+DEMO_EPS_TABLE: List[Tuple[float, float]] = [
+    (3.0, 0.997), (3.5, 0.99), (4.0, 0.917), (4.5, 0.845), (5.0, 0.748), (5.5, 0.667), (6.0, 0.583),
+    (7.0, 0.39), (8.0, 0.283),
+]
+
+
+def make_demo_model(cache_dir: Optional[Union[str, os.PathLike]] = None, *,
+                    acceptance: float = _DEFAULT_ACCEPTANCE) -> pathlib.Path:
+    """Write (or reuse) the demo model and return its path.
+
+    A qwen35 fixture big enough for MTP to beat plain decoding on a small CPU
+    (:data:`DEMO_CONFIG`: n_embd 1024, 12 trunk layers, head dim 64, f32, one MTP block;
+    ~134 M parameters, a ~536 MB file written in a few seconds). ``acceptance`` picks
+    ``eps`` from :data:`DEMO_EPS_TABLE`, measured at this size. Cached like
+    :func:`make_model`.
+    """
+    if not 0.0 < acceptance <= 1.0:
+        raise ValueError("acceptance must be in (0, 1]")
+    eps = round(_interp_eps(DEMO_EPS_TABLE, acceptance, "the demo model"), 4)
+    return make_model(eps=eps, cache_dir=cache_dir, **DEMO_CONFIG)
 
 
 def _write_gguf(path, arch, kv, tensors, tokens, types, bos, eos, succ, params, ftype) -> None:
@@ -583,6 +681,15 @@ def _read_field(path, key):
     if field is None:
         raise KeyError(f"{path} has no {key} (not a pyllama_mtp fixture?)")
     return field
+
+
+# architectures whose llama.cpp graph_mtp asserts n_layer_nextn == 1 (pinned version)
+_SINGLE_MTP_ARCHES = frozenset({"qwen35", "glm4moe"})
+
+
+def _architecture(path) -> str:
+    field = _read_field(path, "general.architecture")
+    return bytes(field.parts[field.data[0]]).decode()
 
 
 def successor_map(path: Union[str, os.PathLike]) -> np.ndarray:
@@ -773,8 +880,12 @@ def measure_mtp_agreement(
     from ._ffi import ffi, lib
 
     with _Runner(path, load_mtp=True) as r:
-        if lib.llama_model_n_layer_nextn(r.model) < 1:
+        n_nextn = lib.llama_model_n_layer_nextn(r.model)
+        if n_nextn < 1:
             raise ValueError(f"{path} has no MTP layers")
+        if n_nextn > 1 and _architecture(path) in _SINGLE_MTP_ARCHES:
+            # the pinned llama.cpp would abort the process creating the MTP context
+            raise ValueError(f"{path} has {n_nextn} MTP blocks; llama.cpp runs only one for this arch")
         toks = _prompt_tokens(r, prompt)
         n_ctx = max(512, len(toks) + n_tokens + 2)
         tgt = r.context(n_ctx)

@@ -4,19 +4,28 @@ from __future__ import annotations
 
 import os
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Union
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
 from . import _lowlevel
 from ._resource import Resource
-from .errors import ClosedError, InvalidArgumentError, ModelLoadError
+from .errors import ClosedError, InvalidArgumentError, ModelLoadError, NoMTPError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .context import Context
 
 ProgressCallback = Callable[[float], Optional[bool]]
 PathLike = Union[str, "os.PathLike[str]"]
+
+
+# MTP graphs of the pinned llama.cpp that assert a single MTP block (GGML_ASSERT, which
+# kills the process): a file of these with several blocks is refused before that.
+# step35, mimo2, hy_v3 and glm5-next run chained heads, one per draft position.
+SINGLE_MTP_BLOCK_ARCHES = frozenset({
+    "qwen35", "qwen35moe", "qwen3next", "deepseek2", "deepseek32", "deepseek4", "glm4moe",
+    "glm-dsa", "nemotron_h_moe", "bailingmoe3", "cohere2moe",
+})
 
 
 class Model(Resource):
@@ -48,6 +57,8 @@ class Model(Resource):
         load_mtp: bool = True,
         use_mmap: bool = True,
         progress: Optional[ProgressCallback] = None,
+        devices: Optional[Sequence[str]] = None,
+        mtp_device: Optional[str] = None,
     ) -> "Model":
         """Load a GGUF file.
 
@@ -59,6 +70,10 @@ class Model(Resource):
             use_mmap: map the file instead of reading it into memory.
             progress: called with a fraction in [0, 1] while loading; returning ``False``
                 cancels the load (:class:`~pyllama_mtp.LoadCancelledError`).
+            devices: device names (see :func:`pyllama_mtp.devices`) to offload to, in
+                order; default: every device llama.cpp finds.
+            mtp_device: put the MTP layers (and so the draft computation) on this device
+                instead, e.g. a second, smaller GPU, or ``"CPU"``.
 
         Raises:
             ModelLoadError: the file is missing, unreadable, corrupt or unsupported.
@@ -70,10 +85,15 @@ class Model(Resource):
             raise InvalidArgumentError("n_gpu_layers must be an int")
         from ._validate import check_gguf_file  # local: keeps import time small
 
-        check_gguf_file(path_str)
+        info = check_gguf_file(path_str)
+        overrides = None
+        if mtp_device is not None and load_mtp and info["n_layer_nextn"] > 0:
+            blocks = "|".join(str(info["n_layer"] + i) for i in range(info["n_layer_nextn"]))
+            overrides = [(rf"^blk\.({blocks})\.", mtp_device)]
         native = _lowlevel.NativeModel(
-            path_str, n_gpu_layers=n_gpu_layers, load_mtp=load_mtp,
-            use_mmap=use_mmap, progress=progress)
+            path_str, n_gpu_layers=n_gpu_layers, load_mtp=load_mtp, use_mmap=use_mmap,
+            progress=progress, devices=list(devices) if devices is not None else None,
+            overrides=overrides)
         return cls(native, path_str, load_mtp)
 
     # -- lifetime ---------------------------------------------------------------------
@@ -251,6 +271,10 @@ class Model(Resource):
 
         if target.model is not self:
             raise InvalidArgumentError("the target context belongs to another model")
+        if self.n_layer_nextn > 1 and self.architecture in SINGLE_MTP_BLOCK_ARCHES:
+            raise NoMTPError(
+                f"{self.architecture} with {self.n_layer_nextn} MTP blocks: the pinned llama.cpp runs "
+                f"a single MTP block for this architecture (strip the extra blocks to draft)")
         return Context(self, n_ctx=target.n_ctx, n_batch=target.n_batch, n_ubatch=target.n_ubatch,
                        n_seq_max=target.n_seq_max, n_threads=n_threads or target.n_threads,
                        _mtp_target=target)
@@ -258,3 +282,22 @@ class Model(Resource):
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{self.architecture}, {self.n_params:,} params"
         return f"<Model {os.path.basename(self._path)!r} ({state})>"
+
+
+def quantize(source: PathLike, destination: PathLike, ftype: str = "q8_0", *,
+             n_threads: Optional[int] = None, pure: bool = False) -> None:
+    """Quantize a GGUF with llama.cpp's own quantizer (MTP layers included).
+
+    ``ftype``: one of ``f32, f16, bf16, q4_0, q8_0, q4_k_s, q4_k_m, q5_k_m, q6_k``;
+    ``pure`` uses that type for every tensor instead of llama.cpp's per-tensor mix.
+    """
+    source_str, destination_str = os.fspath(source), os.fspath(destination)
+    key = ftype.lower()
+    if key not in _lowlevel.QUANT_TYPES:
+        raise InvalidArgumentError(f"unknown quantization {ftype!r}; choose from {', '.join(_lowlevel.QUANT_TYPES)}")
+    if not os.path.isfile(source_str):
+        raise ModelLoadError(f"no such model file: {source_str}")
+    from ._validate import check_gguf_file
+
+    check_gguf_file(source_str)
+    _lowlevel.quantize(source_str, destination_str, key, n_threads or _lowlevel.default_threads(), pure)

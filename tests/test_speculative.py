@@ -25,14 +25,42 @@ def plain_greedy(model, prompt, n_tokens, n_ctx=2048):
         return list(ctx.generate(prompt, max_tokens=n_tokens, stop_at_eog=False))
 
 
+def plain_greedy_with_margins(model, prompt, n_tokens, n_ctx=2048):
+    """Greedy tokens and, at each step, the gap between the top two logits."""
+    tokens, margins = [], []
+    with model.context(n_ctx=n_ctx, **CTX) as ctx:
+        ctx.decode(model.tokenize(prompt))
+        for _ in range(n_tokens):
+            logits = ctx.logits()
+            top2 = np.sort(logits)[-2:]
+            tokens.append(int(np.argmax(logits)))
+            margins.append(float(top2[1] - top2[0]))
+            ctx.decode([tokens[-1]])
+    return tokens, margins
+
+
+def assert_same_greedy(got, want, margins, tolerance, what="output"):
+    """Token-for-token equality; on a backend whose batched arithmetic differs (Vulkan) a
+    divergence is accepted only at a near-tie of the reference (top-2 gap <= 2 x tolerance)."""
+    diverged = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
+    if diverged is None:
+        assert len(got) == len(want), f"{what}: {len(got)} tokens, expected {len(want)}"
+        return
+    gap = margins[diverged]
+    assert gap <= 2 * tolerance, (
+        f"{what} diverged at token {diverged}: {got[diverged]} vs {want[diverged]}; the reference's "
+        f"top-2 logit gap there is {gap:.4g}, above this backend's tolerance {tolerance:g}")
+
+
 @pytest.mark.parametrize("n_draft", [1, 2, 3, 4])
-def test_greedy_mtp_is_lossless_for_1000_tokens(model, arch, n_draft):
-    expected = plain_greedy(model, PROMPTS[0], 1000)
+def test_greedy_mtp_is_lossless(model, arch, n_draft, lossless_tokens):
+    """1,000 tokens on the CPU (fewer on software backends: see the run's header)."""
+    expected = plain_greedy(model, PROMPTS[0], lossless_tokens)
     with SpeculativeDecoder.create(model, n_ctx=2048, n_draft=n_draft, **CTX) as decoder:
-        produced = list(decoder.generate(PROMPTS[0], max_tokens=1000, stop_at_eog=False))
+        produced = list(decoder.generate(PROMPTS[0], max_tokens=lossless_tokens, stop_at_eog=False))
         stats = decoder.stats
     first_diff = next((i for i, (a, b) in enumerate(zip(produced, expected)) if a != b), None)
-    assert first_diff is None and len(produced) == 1000, f"diverged at token {first_diff}"
+    assert first_diff is None and len(produced) == lossless_tokens, f"diverged at token {first_diff}"
     # Partial acceptance: both the accept and the rollback paths ran many times.
     assert 0.2 < stats.acceptance < 0.95, stats
     assert stats.drafted == sum(stats.drafted_at) and stats.accepted == sum(stats.accepted_at)
@@ -41,7 +69,7 @@ def test_greedy_mtp_is_lossless_for_1000_tokens(model, arch, n_draft):
     assert "mean accepted length" in str(stats)
 
 
-def test_rollback_leaves_exactly_the_accepted_state(model, arch):
+def test_rollback_leaves_exactly_the_accepted_state(model, arch, logit_tolerance):
     """After any run of steps, the target's next logits equal a context that decoded only
     the accepted tokens (the pending token evaluated as a one-token verify)."""
     prompt = model.tokenize(PROMPTS[1])
@@ -63,17 +91,17 @@ def test_rollback_leaves_exactly_the_accepted_state(model, arch):
         reference.decode([history[-1]])
         expected = reference.logits()
     assert reference is not None
-    np.testing.assert_allclose(got, expected, atol=1e-4)
+    np.testing.assert_allclose(got, expected, atol=logit_tolerance)
 
 
-def test_several_sequences_match_their_single_runs(model):
-    n_tokens = 300
-    expected = [plain_greedy(model, prompt, n_tokens) for prompt in PROMPTS]
+def test_several_sequences_match_their_single_runs(model, logit_tolerance, lossless_tokens):
+    n_tokens = min(300, lossless_tokens)
+    expected = [plain_greedy_with_margins(model, prompt, n_tokens) for prompt in PROMPTS]
     with SpeculativeDecoder.create(model, n_ctx=4096, n_draft=3, n_seq_max=len(PROMPTS), **CTX) as decoder:
         outputs = decoder.generate_many(PROMPTS, max_tokens=n_tokens, stop_at_eog=False)
         assert 0.2 < decoder.stats.acceptance < 0.95
-    for seq, (got, want) in enumerate(zip(outputs, expected)):
-        assert got == want, f"sequence {seq} diverged at {next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)}"
+    for seq, (got, (want, margins)) in enumerate(zip(outputs, expected)):
+        assert_same_greedy(got, want, margins, logit_tolerance, what=f"sequence {seq}")
 
 
 def test_custom_policy_through_the_low_level_api(model):

@@ -27,6 +27,28 @@ enum llama_flash_attn_type {
     ...
 };
 
+enum llama_ftype {
+    LLAMA_FTYPE_ALL_F32,
+    LLAMA_FTYPE_MOSTLY_F16,
+    LLAMA_FTYPE_MOSTLY_BF16,
+    LLAMA_FTYPE_MOSTLY_Q4_0,
+    LLAMA_FTYPE_MOSTLY_Q8_0,
+    LLAMA_FTYPE_MOSTLY_Q4_K_S,
+    LLAMA_FTYPE_MOSTLY_Q4_K_M,
+    LLAMA_FTYPE_MOSTLY_Q5_K_M,
+    LLAMA_FTYPE_MOSTLY_Q6_K,
+    ...
+};
+
+typedef struct llama_model_quantize_params {
+    int32_t nthread;
+    enum llama_ftype ftype;
+    bool allow_requantize;
+    bool quantize_output_tensor;
+    bool pure;
+    ...;
+} llama_model_quantize_params;
+
 typedef bool (*llama_progress_callback)(float progress, void * user_data);
 
 typedef struct llama_batch {
@@ -40,8 +62,14 @@ typedef struct llama_batch {
     ...;
 } llama_batch;
 
+struct llama_model_tensor_buft_override {
+    const char * pattern;
+    ggml_backend_buffer_type_t buft;
+};
+
 struct llama_model_params {
     ggml_backend_dev_t * devices;
+    const struct llama_model_tensor_buft_override * tensor_buft_overrides;
     int32_t n_gpu_layers;
     enum llama_load_mode load_mode;
     int32_t main_gpu;
@@ -86,6 +114,9 @@ struct llama_context_params llama_context_default_params(void);
 struct llama_sampler_chain_params llama_sampler_chain_default_params(void);
 
 /* Model */
+struct llama_model_quantize_params llama_model_quantize_default_params(void);
+uint32_t llama_model_quantize(const char * fname_inp, const char * fname_out, const llama_model_quantize_params * params);
+enum llama_ftype llama_model_ftype(const struct llama_model * model);
 struct llama_model * llama_model_load_from_file(const char * path_model, struct llama_model_params params);
 void     llama_model_free(struct llama_model * model);
 const struct llama_vocab * llama_model_get_vocab(const struct llama_model * model);

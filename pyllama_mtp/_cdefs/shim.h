@@ -9,6 +9,8 @@ const char * pmtp_version(void);
 const char * pmtp_llama_commit(void);
 const char * pmtp_compiled_backends(void);
 
+int32_t pmtp_rpc_add_server(const char * endpoint);
+
 int32_t pmtp_decode_tokens(struct llama_context * ctx, int32_t n, const llama_token * tokens,
                            const llama_pos * pos, const llama_seq_id * seq_ids, const int8_t * output);
 bool    pmtp_abort_if_flag_set(void * flag);
