@@ -58,7 +58,41 @@ def check_gguf_file(path: str) -> dict:
         field = reader.fields.get(key)
         return default if field is None else field.contents()
 
-    arch = scalar("general.architecture", "")
-    n_blocks = int(scalar(f"{arch}.block_count", 0) or 0)
-    n_nextn = int(scalar(f"{arch}.nextn_predict_layers", 0) or 0)
+    try:
+        arch = scalar("general.architecture", "")
+        n_blocks = int(scalar(f"{arch}.block_count", 0) or 0)
+        n_nextn = int(scalar(f"{arch}.nextn_predict_layers", 0) or 0)
+        _check_hparams(path, scalar, arch, n_blocks, n_nextn)
+        _check_vocab(path, scalar)
+    except ModelLoadError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a value of the wrong type is a bad file too
+        raise ModelLoadError(f"{path}: unreadable metadata ({exc})") from exc
     return {"architecture": arch, "n_layer": n_blocks - n_nextn, "n_layer_nextn": n_nextn}
+
+
+# Each check below stands for a GGML_ASSERT (a process abort) that the fuzz tests reached
+# in the pinned llama.cpp with a damaged file.
+
+def _check_hparams(path: str, scalar, arch: str, n_blocks: int, n_nextn: int) -> None:
+    if not isinstance(arch, str) or not arch:
+        raise ModelLoadError(f"{path}: no general.architecture")
+    if n_blocks <= 0 or not 0 <= n_nextn < n_blocks:
+        raise ModelLoadError(f"{path}: {n_blocks} blocks with {n_nextn} MTP blocks is impossible")
+    n_expert = int(scalar(f"{arch}.expert_count", 0) or 0)
+    if n_expert:
+        n_used = int(scalar(f"{arch}.expert_used_count", 0) or 0)
+        if not 0 < n_used <= n_expert:
+            raise ModelLoadError(f"{path}: {n_used} experts used of {n_expert}")
+
+
+def _check_vocab(path: str, scalar) -> None:
+    tokens = scalar("tokenizer.ggml.tokens")
+    if tokens is None:
+        return
+    if len(set(tokens)) != len(tokens):
+        raise ModelLoadError(f"{path}: the vocabulary has duplicate tokens")
+    for key in ("tokenizer.ggml.token_type", "tokenizer.ggml.scores"):
+        values = scalar(key)
+        if values is not None and len(values) != len(tokens):
+            raise ModelLoadError(f"{path}: {key} has {len(values)} entries for {len(tokens)} tokens")

@@ -137,6 +137,12 @@ class Context(Resource):
     def model(self) -> Model:
         return self._model
 
+    @property
+    def lock(self):
+        """The context's re-entrant lock: every method holds it; hold it yourself to make
+        several calls (decode, then read logits) one atomic step across threads."""
+        return self._native.lock
+
     # -- sizes ------------------------------------------------------------------------
     @property
     def n_ctx(self) -> int:

@@ -69,14 +69,21 @@ def generate(context: "Context", prompt: Union[str, Iterable[int]], *, max_token
     own_sampler = sampler is None
     sampler = Sampler.greedy() if own_sampler else sampler
     try:
-        for start in range(0, len(tokens), context.n_batch):
-            context.decode(tokens[start:start + context.n_batch], seq_id=seq_id)
-        for _ in range(max_tokens):
-            token = sampler.sample(context)
+        # Each decode and the sampling of its output happen under the context's lock, so
+        # generators on different sequences of one shared context interleave safely.
+        # Every yielded token is decoded before returning: the sequence can be continued.
+        with context.lock:
+            for start in range(0, len(tokens), context.n_batch):
+                context.decode(tokens[start:start + context.n_batch], seq_id=seq_id)
+            token = sampler.sample(context) if max_tokens > 0 else None
+        for produced in range(max_tokens):
             if stop_at_eog and model.is_eog(token):
                 return
             yield token
-            context.decode([token], seq_id=seq_id)
+            with context.lock:
+                context.decode([token], seq_id=seq_id)
+                if produced + 1 < max_tokens:
+                    token = sampler.sample(context)
     finally:
         if own_sampler:
             sampler.close()

@@ -2,6 +2,7 @@
 # Compile the CUDA backend with this machine's nvcc for one architecture, without a GPU,
 # so breakage of the CUDA build is caught here. The binding itself is not installed.
 # Usage: tools/check_cuda_build.sh [ARCH] [BUILD_DIR]      (default ARCH 89, Ada)
+#        CONFIGURE_ONLY=1 tools/check_cuda_build.sh         (toolchain check in seconds)
 #
 # cuBLAS: used from the CUDA toolkit when present; otherwise from the nvidia-cublas wheel
 # on the package index (matching the toolkit's major version), in a private folder.
@@ -30,6 +31,12 @@ if ! ls "$toolkit"/lib64/libcublas.so* "$toolkit"/targets/*/lib/libcublas.so* >/
             -DCMAKE_CUDA_FLAGS="-I$inc" -DCMAKE_CXX_FLAGS="-I$inc")
 fi
 
+# No GPU driver here: without libcuda (or its stub) build the no-VMM variant, which does
+# not link the driver library; every kernel is still compiled.
+if ! ls "$toolkit"/lib64/stubs/libcuda.so "$toolkit"/targets/*/lib/stubs/libcuda.so /usr/lib/*/libcuda.so* >/dev/null 2>&1; then
+    extra+=(-DGGML_CUDA_NO_VMM=ON)
+fi
+
 launcher=()
 command -v ccache >/dev/null 2>&1 && launcher=(-DCMAKE_C_COMPILER_LAUNCHER=ccache
     -DCMAKE_CXX_COMPILER_LAUNCHER=ccache -DCMAKE_CUDA_COMPILER_LAUNCHER=ccache)
@@ -38,5 +45,9 @@ cmake -S "$root/vendor/llama.cpp" -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=Releas
     -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES="$arch" -DCMAKE_CUDA_COMPILER="$nvcc" \
     -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
     -DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF "${launcher[@]}" "${extra[@]}"
+if [ -n "${CONFIGURE_ONLY:-}" ]; then
+    echo "check_cuda_build: configured for sm_$arch in $(( $(date +%s) - start )) s (not compiled)"
+    exit 0
+fi
 cmake --build "$build" --target ggml-cuda llama -j "$(nproc)"
 echo "check_cuda_build: ggml-cuda for sm_$arch compiled in $(( $(date +%s) - start )) s"
