@@ -3,6 +3,7 @@
 // the build here instead of corrupting memory at run time.
 
 #include "pyllama_mtp.h"
+#include "internal.h"
 
 #include "llama-ext.h"
 
@@ -43,8 +44,9 @@ int32_t pmtp_rpc_add_server(const char * endpoint) {
     }
 }
 
-static int32_t pmtp_status_from_decode(int32_t rc) {
-    // llama_decode: 0 ok, 1 no KV slot, 2 aborted, -1 invalid batch, < -1 fatal.
+}  // extern "C"
+
+int32_t pmtp_status_from_decode(int32_t rc) {
     switch (rc) {
         case 0:  return PMTP_OK;
         case 1:  return PMTP_ERR_NO_KV_SLOT;
@@ -53,6 +55,8 @@ static int32_t pmtp_status_from_decode(int32_t rc) {
         default: return PMTP_ERR_DECODE;
     }
 }
+
+extern "C" {
 
 int32_t pmtp_decode_tokens(llama_context * ctx, int32_t n, const llama_token * tokens,
                            const llama_pos * pos, const llama_seq_id * seq_ids, const int8_t * output) {

@@ -9,6 +9,7 @@
 // three head layouts (single head: qwen35; chained heads: step35; shared KV: gemma4).
 
 #include "pyllama_mtp.h"
+#include "internal.h"
 
 #include "llama-ext.h"
 
@@ -25,16 +26,6 @@ namespace {
 int64_t now_us() {
     return std::chrono::duration_cast<std::chrono::microseconds>(
         std::chrono::steady_clock::now().time_since_epoch()).count();
-}
-
-int32_t status_from_process(int32_t rc) {
-    switch (rc) {
-        case 0:  return PMTP_OK;
-        case 1:  return PMTP_ERR_NO_KV_SLOT;
-        case 2:  return PMTP_ERR_ABORTED;
-        case -1: return PMTP_ERR_ARGUMENT;
-        default: return PMTP_ERR_DECODE;
-    }
 }
 
 struct batch_ptr {
@@ -156,7 +147,7 @@ int32_t catch_up(pmtp_spec * s, const std::vector<llama_seq_id> & seq_of, const 
                 if (s->chain_heads) {
                     llama_set_nextn_layer_offset(s->dft, 0);
                 }
-                return status_from_process(rc);
+                return pmtp_status_from_decode(rc);
             }
         }
         if (s->chain_heads) {
@@ -198,7 +189,7 @@ int32_t target_eval(pmtp_spec * s, const std::vector<llama_seq_id> & seq_of, con
         const int32_t rc = llama_process(s->tgt, LLAMA_PROCESS_TYPE_DECODE, batch.batch);
         s->stats.t_target_us += now_us() - t0;
         if (rc != 0) {
-            return status_from_process(rc);
+            return pmtp_status_from_decode(rc);
         }
     }
     return catch_up(s, seq_of, tok, pos);
@@ -403,7 +394,7 @@ int32_t pmtp_spec_draft(pmtp_spec * s, const int32_t * n_max, float p_min) {
             }
             const int32_t rc = llama_process(s->dft, LLAMA_PROCESS_TYPE_DECODE, batch.batch);
             if (rc != 0) {
-                status = status_from_process(rc);
+                status = pmtp_status_from_decode(rc);
                 break;
             }
             llama_batch_ext_clear(batch.batch);

@@ -14,6 +14,7 @@ import numpy as np
 from .errors import ModelLoadError
 
 _GGUF_MAGIC = b"GGUF"
+_LLAMA_MAX_LAYERS = 512  # LLAMA_MAX_LAYERS in src/llama-hparams.h
 
 
 def check_gguf_file(path: str) -> dict:
@@ -79,6 +80,19 @@ def _check_hparams(path: str, scalar, arch: str, n_blocks: int, n_nextn: int) ->
         raise ModelLoadError(f"{path}: no general.architecture")
     if n_blocks <= 0 or not 0 <= n_nextn < n_blocks:
         raise ModelLoadError(f"{path}: {n_blocks} blocks with {n_nextn} MTP blocks is impossible")
+    if n_blocks > _LLAMA_MAX_LAYERS:
+        raise ModelLoadError(f"{path}: {n_blocks} blocks, more than llama.cpp's {_LLAMA_MAX_LAYERS}")
+    n_rot = scalar(f"{arch}.rope.dimension_count")
+    if n_rot is not None:
+        n_embd = int(scalar(f"{arch}.embedding_length", 0) or 0)
+        n_head = scalar(f"{arch}.attention.head_count", 0) or 0
+        n_head = max(n_head) if isinstance(n_head, list) else int(n_head)
+        head_dim = scalar(f"{arch}.attention.key_length") or (n_embd // n_head if n_head > 0 else 0)
+        if not 0 < int(n_rot) <= int(head_dim):
+            raise ModelLoadError(f"{path}: rope over {n_rot} dimensions of {head_dim}-dimensional heads")
+        sections = scalar(f"{arch}.rope.dimension_sections")
+        if sections is not None and (any(int(x) < 0 for x in sections) or sum(int(x) for x in sections) > int(n_rot)):
+            raise ModelLoadError(f"{path}: rope sections {sections} exceed {n_rot} rotary dimensions")
     n_expert = int(scalar(f"{arch}.expert_count", 0) or 0)
     if n_expert:
         n_used = int(scalar(f"{arch}.expert_used_count", 0) or 0)
