@@ -141,12 +141,22 @@ def devices() -> list[DeviceInfo]:
     return found
 
 
+# ggml's RPC client shares one connection per server between all contexts and is not
+# thread-safe (concurrent contexts aborted the process in our thread tests). Once an RPC
+# server is in use, every native handle created from then on shares this one lock.
+_RPC_LOCK = threading.RLock()
+_rpc_in_use = False
+
+
 def add_rpc_server(endpoint: str) -> None:
     """Register a ggml RPC server as a device (it then appears in :func:`devices`)."""
-    status = lib.pmtp_rpc_add_server(endpoint.encode())
-    if status == lib.PMTP_ERR_ARGUMENT:
-        raise InvalidArgumentError("this build has no RPC backend (build with GGML_RPC=ON)")
-    check_status(status, f"connecting to the RPC server at {endpoint}")
+    global _rpc_in_use
+    with _RPC_LOCK:
+        status = lib.pmtp_rpc_add_server(endpoint.encode())
+        if status == lib.PMTP_ERR_ARGUMENT:
+            raise InvalidArgumentError("this build has no RPC backend (build with GGML_RPC=ON)")
+        check_status(status, f"connecting to the RPC server at {endpoint}")
+        _rpc_in_use = True
 
 
 def device_handle(name: str) -> Any:
@@ -196,7 +206,7 @@ class _NativeHandle:
 
     def __init__(self, ptr: Any) -> None:
         self._ptr = ptr
-        self.lock = threading.RLock()
+        self.lock = _RPC_LOCK if _rpc_in_use else threading.RLock()
 
     @property
     def closed(self) -> bool:

@@ -17,7 +17,7 @@ import numpy as np
 from . import _lowlevel
 from ._resource import Resource
 from .context import Context
-from .errors import InvalidArgumentError
+from .errors import ContextFullError, InvalidArgumentError
 
 __all__ = ["SpeculativeDecoder", "SpeculativeStats", "MemoryReport"]
 
@@ -203,8 +203,6 @@ class SpeculativeDecoder(Resource):
         seq_id = self._check_seq(seq_id)
         _, _, n_past = self._native.seq_state(seq_id)
         if n_past + len(array) > self._target.n_ctx:
-            from .errors import ContextFullError
-
             raise ContextFullError(f"the prompt ({len(array)} tokens) does not fit the context "
                                    f"({n_past} of {self._target.n_ctx} positions used)")
         start = time.perf_counter()
