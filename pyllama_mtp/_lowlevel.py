@@ -636,19 +636,19 @@ class NativeSpeculative(_NativeHandle):
     def _free(self, ptr: Any) -> None:
         lib.pmtp_spec_free(ptr)
 
-    def _locked(self):
+    def _locked(self) -> "_Locks":
+        """All three locks, after checking that neither context was closed under us."""
+        self.target.ptr(), self.draft_context.ptr()  # raise ClosedError first
         return _Locks(self.lock, self.target.lock, self.draft_context.lock)
 
     def prefill(self, seq: int, tokens: np.ndarray) -> None:
         with self._locked():
-            self.target.ptr(), self.draft_context.ptr()
             check_status(lib.pmtp_spec_prefill(self.ptr(), seq, ffi.cast("llama_token *", ffi.from_buffer(tokens)),
                                                len(tokens)), "prefill")
 
     def step(self, n_draft: int, p_min: float) -> tuple[np.ndarray, np.ndarray]:
         """One greedy step; returns (tokens[n_seq, n_draft_max + 1], counts[n_seq]) views."""
         with self._locked():
-            self.target.ptr(), self.draft_context.ptr()
             check_status(lib.pmtp_spec_step(self.ptr(), n_draft, p_min, self._out_tokens_ptr,
                                             self._out_counts_ptr), "speculative step")
         return self._out_tokens, self._out_counts
@@ -656,7 +656,6 @@ class NativeSpeculative(_NativeHandle):
     def draft(self, limits: np.ndarray, p_min: float) -> None:
         self._limits[:] = limits
         with self._locked():
-            self.target.ptr(), self.draft_context.ptr()
             check_status(lib.pmtp_spec_draft(self.ptr(), self._limits_ptr, p_min), "draft")
 
     def get_draft(self, seq: int) -> tuple[list[int], list[float]]:
@@ -674,7 +673,6 @@ class NativeSpeculative(_NativeHandle):
 
     def verify(self) -> None:
         with self._locked():
-            self.target.ptr(), self.draft_context.ptr()
             check_status(lib.pmtp_spec_verify(self.ptr()), "verify")
 
     def target_choices(self, seq: int) -> list[int]:
@@ -690,7 +688,6 @@ class NativeSpeculative(_NativeHandle):
 
     def accept(self, seq: int, n_accepted: int, next_token: int) -> None:
         with self._locked():
-            self.target.ptr(), self.draft_context.ptr()
             check_status(lib.pmtp_spec_accept(self.ptr(), seq, n_accepted, next_token), "accept")
 
     def seq_state(self, seq: int) -> tuple[bool, int, int]:
