@@ -61,9 +61,38 @@ PMTP_API int32_t pmtp_decode_tokens(struct llama_context * ctx, int32_t n,
                                     const llama_token * tokens, const llama_pos * pos,
                                     const llama_seq_id * seq_ids, const int8_t * output);
 
-/* A ggml_abort_callback that aborts when the int32_t at flag is non-zero.
- * Reading a flag in C keeps Python (and the GIL) out of the per-node check. */
-PMTP_API bool pmtp_abort_if_flag_set(void * flag);
+/* ---- stopping a running computation (csrc/interrupt.cpp) ---- */
+
+enum pmtp_abort_reason {
+    PMTP_ABORT_NONE    = 0,
+    PMTP_ABORT_CANCEL  = 1, /* cancel was set (from any thread) */
+    PMTP_ABORT_TIMEOUT = 2, /* the monotonic clock passed deadline_us */
+    PMTP_ABORT_SIGINT  = 3  /* SIGINT arrived while watched */
+};
+
+/* What pmtp_abort_check reads; one per context, filled by the caller before each call. */
+typedef struct pmtp_abort_state {
+    int32_t  cancel;       /* non-zero: abort (set it from any thread; the caller clears it) */
+    int32_t  between_calls_only; /* non-zero: never abort inside a graph (recurrent memory
+                                    cannot undo a half-computed ubatch); the caller checks
+                                    between calls instead */
+    int32_t  watch_sigint; /* non-zero: abort when pmtp_sigint_count() != sigint_mark */
+    uint64_t sigint_mark;  /* the value pmtp_sigint_watch_begin returned */
+    int64_t  deadline_us;  /* pmtp_monotonic_us() deadline, 0 = none */
+    int32_t  reason;       /* out: the pmtp_abort_reason of the last abort */
+} pmtp_abort_state;
+
+/* A ggml_abort_callback; data is a pmtp_abort_state. No Python, no GIL in the per-node check. */
+PMTP_API bool     pmtp_abort_check(void * data);
+/* Microseconds of a monotonic clock (the one deadline_us is measured on). */
+PMTP_API int64_t  pmtp_monotonic_us(void);
+/* Replace the SIGINT handler (only if the current one is a function, e.g. Python's) by one
+ * that only counts signals, until the matching pmtp_sigint_watch_end restores it; nests and
+ * is thread-safe. The caller reports a counted signal (Python: KeyboardInterrupt).
+ * Returns the current count. */
+PMTP_API uint64_t pmtp_sigint_watch_begin(void);
+PMTP_API void     pmtp_sigint_watch_end(void);
+PMTP_API uint64_t pmtp_sigint_count(void);
 
 /* ---- extern "C" wrappers of the staging API (src/llama-ext.h) ---- */
 
@@ -124,6 +153,10 @@ typedef struct pmtp_spec_stats {
 PMTP_API pmtp_spec * pmtp_spec_new(struct llama_context * tgt, struct llama_context * dft,
                                    int32_t n_seq, int32_t n_draft_max, int32_t * status);
 PMTP_API void        pmtp_spec_free(pmtp_spec * spec);
+/* The draft context's abort state (its abort callback data). The drafter's catch-up on
+ * tokens the target already accepted is then never stopped half-way: undoing the target's
+ * completed batch is impossible for recurrent memory. A stop takes effect at the next draft. */
+PMTP_API void        pmtp_spec_set_draft_abort_state(pmtp_spec * spec, pmtp_abort_state * state);
 /* n_draft_max after limits of the model (chained heads cap it at their count). */
 PMTP_API int32_t     pmtp_spec_n_draft_max(const pmtp_spec * spec);
 

@@ -91,10 +91,6 @@ int32_t pmtp_decode_tokens(llama_context * ctx, int32_t n, const llama_token * t
     }
 }
 
-bool pmtp_abort_if_flag_set(void * flag) {
-    return flag != nullptr && __atomic_load_n(static_cast<int32_t *>(flag), __ATOMIC_RELAXED) != 0;
-}
-
 void pmtp_set_embeddings_nextn(llama_context * ctx, bool value, bool masked) {
     llama_set_embeddings_nextn(ctx, value, masked);
 }

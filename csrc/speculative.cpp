@@ -100,6 +100,7 @@ struct pmtp_spec {
     bool chain_heads = false;  // several trained heads, one per draft position (step35)
     std::vector<pmtp_seq> seqs;
     pmtp_spec_stats stats = {};
+    pmtp_abort_state * dft_abort = nullptr;  // see pmtp_spec_set_draft_abort_state
 };
 
 namespace {
@@ -174,6 +175,25 @@ int32_t catch_up(pmtp_spec * s, const std::vector<llama_seq_id> & seq_of, const 
     return PMTP_OK;
 }
 
+// Keeps a context's abort callback from stopping a graph while in scope.
+struct hold_abort {
+    pmtp_abort_state * state;
+    int32_t previous = 0;
+    explicit hold_abort(pmtp_abort_state * st) : state(st) {
+        if (state != nullptr) {
+            previous = state->between_calls_only;
+            state->between_calls_only = 1;
+        }
+    }
+    ~hold_abort() {
+        if (state != nullptr) {
+            state->between_calls_only = previous;
+        }
+    }
+    hold_abort(const hold_abort &) = delete;
+    hold_abort & operator=(const hold_abort &) = delete;
+};
+
 // Evaluate tokens on the target (outputs as requested), then catch the drafter up.
 int32_t target_eval(pmtp_spec * s, const std::vector<llama_seq_id> & seq_of, const std::vector<llama_token> & tok,
                     const std::vector<llama_pos> & pos, const std::vector<bool> & out) {
@@ -192,6 +212,8 @@ int32_t target_eval(pmtp_spec * s, const std::vector<llama_seq_id> & seq_of, con
             return pmtp_status_from_decode(rc);
         }
     }
+    // The target's batch is done: finish the drafter's too (see pmtp_spec_set_draft_abort_state).
+    hold_abort hold(s->dft_abort);
     return catch_up(s, seq_of, tok, pos);
 }
 
@@ -284,6 +306,12 @@ pmtp_spec * pmtp_spec_new(llama_context * tgt, llama_context * dft, int32_t n_se
 
 void pmtp_spec_free(pmtp_spec * s) {
     delete s;
+}
+
+void pmtp_spec_set_draft_abort_state(pmtp_spec * s, pmtp_abort_state * state) {
+    if (s != nullptr) {
+        s->dft_abort = state;
+    }
 }
 
 int32_t pmtp_spec_n_draft_max(const pmtp_spec * s) {

@@ -9,6 +9,7 @@ call on it with its own lock, because llama.cpp objects are not thread-safe.
 from __future__ import annotations
 
 import os
+import signal
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -21,6 +22,7 @@ from .errors import (
     ClosedError,
     ContextFullError,
     DecodeError,
+    DecodeTimeoutError,
     InvalidArgumentError,
     LlamaError,
     LoadCancelledError,
@@ -48,7 +50,7 @@ _STATUS_TEXT: dict[int, str] = {
     lib.PMTP_ERR_ARGUMENT: "llama.cpp rejected the input",
     lib.PMTP_ERR_NO_KV_SLOT: "no free KV slot: the context is full",
     lib.PMTP_ERR_DECODE: "llama.cpp failed to evaluate the batch",
-    lib.PMTP_ERR_ABORTED: "aborted by the cancel flag",
+    lib.PMTP_ERR_ABORTED: "aborted",
     lib.PMTP_ERR_NO_MTP: "the model has no MTP layers loaded",
     lib.PMTP_ERR_ALLOC: "out of memory",
     lib.PMTP_ERR_INTERNAL: "llama.cpp raised an internal error",
@@ -56,13 +58,97 @@ _STATUS_TEXT: dict[int, str] = {
 }
 
 
-def check_status(status: int, action: str) -> int:
-    """Return a non-negative status unchanged; raise the matching exception otherwise."""
+_ABORT_REASONS: dict[int, tuple[type[LlamaError], str]] = {
+    lib.PMTP_ABORT_CANCEL: (AbortedError, "cancelled"),
+    lib.PMTP_ABORT_TIMEOUT: (DecodeTimeoutError, "the time limit passed"),
+}
+
+
+def check_status(status: int, action: str, abort_reason: int = 0) -> int:
+    """Return a non-negative status unchanged; raise the matching exception otherwise.
+
+    ``abort_reason`` (a PMTP_ABORT_* value) says why an aborted call was stopped.
+    """
     if status >= 0:
         return status
+    if status == lib.PMTP_ERR_ABORTED and abort_reason in _ABORT_REASONS:
+        error, text = _ABORT_REASONS[abort_reason]
+        raise error(f"{action}: {text}")
     error = _STATUS_ERRORS.get(status, LlamaError)
     text = _STATUS_TEXT.get(status, f"unknown status {status}")
     raise error(f"{action}: {text}")
+
+
+class _Stoppable:
+    """Arms the abort states of contexts for one long C call, under their locks.
+
+    On the main thread, while Python would turn Ctrl-C into KeyboardInterrupt, C watches
+    SIGINT instead of Python during the call, so the call stops within one graph node
+    instead of running to its end; the signal then becomes KeyboardInterrupt here.
+    A context whose memory cannot undo a half-computed ubatch (``between_calls_only``) is
+    never stopped inside a graph: its cancel flag and deadline are checked here, before
+    the call, and Python's own Ctrl-C handling covers the time between calls.
+    """
+
+    __slots__ = ("_locks", "_states", "_watching", "_mark")
+
+    def __init__(self, locks: tuple[Any, ...], states: tuple[Any, ...]) -> None:
+        self._locks = locks
+        self._states = states
+        self._watching = False
+        self._mark = 0
+
+    def __enter__(self) -> "_Stoppable":
+        for lock in self._locks:
+            lock.acquire()
+        try:
+            for state in self._states:
+                state.reason = lib.PMTP_ABORT_NONE
+                if state.between_calls_only:
+                    if state.cancel:
+                        state.reason = lib.PMTP_ABORT_CANCEL
+                    elif state.deadline_us and lib.pmtp_monotonic_us() >= state.deadline_us:
+                        state.reason = lib.PMTP_ABORT_TIMEOUT
+                    if state.reason:
+                        self.check(lib.PMTP_ERR_ABORTED, "before the call")
+        except BaseException:
+            self._release()
+            raise
+        self._watching = (threading.current_thread() is threading.main_thread()
+                          and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+        self._mark = lib.pmtp_sigint_watch_begin() if self._watching else 0
+        for state in self._states:
+            state.watch_sigint = self._watching
+            state.sigint_mark = self._mark
+        return self
+
+    def check(self, status: int, action: str) -> int:
+        """check_status with the reason of an abort; a cancel that stopped a call is spent."""
+        reason = 0
+        if status == lib.PMTP_ERR_ABORTED:
+            reason = next((int(state.reason) for state in self._states if state.reason), 0)
+            if reason == lib.PMTP_ABORT_CANCEL:
+                for state in self._states:
+                    state.cancel = 0
+            elif reason == lib.PMTP_ABORT_SIGINT:
+                raise KeyboardInterrupt
+        return check_status(status, action, reason)
+
+    def _release(self) -> None:
+        for lock in reversed(self._locks):
+            lock.release()
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        interrupted = False
+        if self._watching:
+            for state in self._states:
+                state.watch_sigint = 0
+            lib.pmtp_sigint_watch_end()
+            interrupted = lib.pmtp_sigint_count() != self._mark
+        self._release()
+        # A Ctrl-C that came too late to stop the call is not lost.
+        if interrupted and not isinstance(exc, KeyboardInterrupt):
+            raise KeyboardInterrupt from exc
 
 
 def _string(ptr: Any) -> str:
@@ -429,10 +515,14 @@ class NativeContext(_NativeHandle):
             # Upstream passes the target to every MTP drafter; llama.cpp keeps it only for
             # drafters that share the target's KV (gemma4 assistants).
             params.ctx_other = other.ptr()
-        # Cancel flag read by C on every graph node: no Python, no GIL in that check.
-        self._abort_flag = ffi.new("int32_t *", 0)
-        params.abort_callback = lib.pmtp_abort_if_flag_set
-        params.abort_callback_data = self._abort_flag
+        # Cancel flag, deadline and Ctrl-C watch, read by C on every graph node: no
+        # Python, no GIL in that check.
+        self.abort_state = ffi.new("pmtp_abort_state *")
+        # Recurrent state cannot be rolled back from a half-run ubatch: stop between calls.
+        self.abort_state.between_calls_only = not config.mtp and bool(
+            lib.llama_model_is_recurrent(model.ptr()) or lib.llama_model_is_hybrid(model.ptr()))
+        params.abort_callback = lib.pmtp_abort_check
+        params.abort_callback_data = self.abort_state
         with model.lock:
             ptr = lib.llama_init_from_model(model.ptr(), params)
         if ptr == ffi.NULL:
@@ -452,24 +542,40 @@ class NativeContext(_NativeHandle):
 
     # -- cancellation -----------------------------------------------------------------
     def request_abort(self) -> None:
-        """Safe from any thread, without the lock: C reads the flag while decoding."""
-        self._abort_flag[0] = 1
+        """Safe from any thread, without the lock: C reads the flag while decoding. The
+        flag stays set until it stops a computation (the running one or the next)."""
+        self.abort_state.cancel = 1
 
-    def clear_abort(self) -> None:
-        self._abort_flag[0] = 0
+    @property
+    def between_calls_only(self) -> bool:
+        """True when computations stop only between calls (see ``_Stoppable``)."""
+        return bool(self.abort_state.between_calls_only)
+
+    @property
+    def deadline_us(self) -> int:
+        """Monotonic deadline (see :func:`monotonic_us`) of every computation; 0 = none."""
+        return int(self.abort_state.deadline_us)
+
+    @deadline_us.setter
+    def deadline_us(self, value: int) -> None:
+        self.abort_state.deadline_us = value
+
+    def stoppable(self) -> _Stoppable:
+        """Lock this context and arm its abort state for one long call."""
+        return _Stoppable((self.lock,), (self.abort_state,))
 
     # -- decoding ---------------------------------------------------------------------
     def decode(self, tokens: np.ndarray, pos: np.ndarray, seq_ids: np.ndarray,
                output: np.ndarray) -> None:
         """Arrays must be validated, contiguous int32/int32/int32/int8 of one length."""
-        with self.lock:
+        with self.stoppable() as call:
             status = lib.pmtp_decode_tokens(
                 self.ptr(), len(tokens),
                 ffi.cast("llama_token *", ffi.from_buffer(tokens)),
                 ffi.cast("llama_pos *", ffi.from_buffer(pos)),
                 ffi.cast("llama_seq_id *", ffi.from_buffer(seq_ids)),
                 ffi.cast("int8_t *", ffi.from_buffer(output)))
-            check_status(status, "decode")
+            call.check(status, "decode")
 
     def logits(self, index: int, n_vocab: int) -> np.ndarray:
         with self.lock:
@@ -624,6 +730,7 @@ class NativeSpeculative(_NativeHandle):
         super().__init__(ptr)
         self.target = target
         self.draft_context = draft
+        lib.pmtp_spec_set_draft_abort_state(ptr, draft.abort_state)
         self.n_seq = n_seq
         self.n_draft_max = int(lib.pmtp_spec_n_draft_max(ptr))
         self._out_tokens = np.zeros((n_seq, self.n_draft_max + 1), dtype=np.int32)
@@ -636,27 +743,29 @@ class NativeSpeculative(_NativeHandle):
     def _free(self, ptr: Any) -> None:
         lib.pmtp_spec_free(ptr)
 
-    def _locked(self) -> "_Locks":
-        """All three locks, after checking that neither context was closed under us."""
+    def _locked(self, computes: bool = True) -> _Stoppable:
+        """All three locks (in a fixed order: no deadlock) and, for calls that compute,
+        both contexts' abort states armed; first checks that neither context was closed."""
         self.target.ptr(), self.draft_context.ptr()  # raise ClosedError first
-        return _Locks(self.lock, self.target.lock, self.draft_context.lock)
+        states = (self.target.abort_state, self.draft_context.abort_state) if computes else ()
+        return _Stoppable((self.lock, self.target.lock, self.draft_context.lock), states)
 
     def prefill(self, seq: int, tokens: np.ndarray) -> None:
-        with self._locked():
-            check_status(lib.pmtp_spec_prefill(self.ptr(), seq, ffi.cast("llama_token *", ffi.from_buffer(tokens)),
+        with self._locked() as call:
+            call.check(lib.pmtp_spec_prefill(self.ptr(), seq, ffi.cast("llama_token *", ffi.from_buffer(tokens)),
                                                len(tokens)), "prefill")
 
     def step(self, n_draft: int, p_min: float) -> tuple[np.ndarray, np.ndarray]:
         """One greedy step; returns (tokens[n_seq, n_draft_max + 1], counts[n_seq]) views."""
-        with self._locked():
-            check_status(lib.pmtp_spec_step(self.ptr(), n_draft, p_min, self._out_tokens_ptr,
+        with self._locked() as call:
+            call.check(lib.pmtp_spec_step(self.ptr(), n_draft, p_min, self._out_tokens_ptr,
                                             self._out_counts_ptr), "speculative step")
         return self._out_tokens, self._out_counts
 
     def draft(self, limits: np.ndarray, p_min: float) -> None:
         self._limits[:] = limits
-        with self._locked():
-            check_status(lib.pmtp_spec_draft(self.ptr(), self._limits_ptr, p_min), "draft")
+        with self._locked() as call:
+            call.check(lib.pmtp_spec_draft(self.ptr(), self._limits_ptr, p_min), "draft")
 
     def get_draft(self, seq: int) -> tuple[list[int], list[float]]:
         tokens = ffi.new("llama_token[]", PMTP_MAX_DRAFT_CAPACITY)
@@ -672,8 +781,8 @@ class NativeSpeculative(_NativeHandle):
                                                  len(tokens)), "set draft")
 
     def verify(self) -> None:
-        with self._locked():
-            check_status(lib.pmtp_spec_verify(self.ptr()), "verify")
+        with self._locked() as call:
+            call.check(lib.pmtp_spec_verify(self.ptr()), "verify")
 
     def target_choices(self, seq: int) -> list[int]:
         out = ffi.new("llama_token[]", PMTP_MAX_DRAFT_CAPACITY + 1)
@@ -687,8 +796,8 @@ class NativeSpeculative(_NativeHandle):
             return check_status(lib.pmtp_spec_verify_row(self.ptr(), seq, row), "verify row")
 
     def accept(self, seq: int, n_accepted: int, next_token: int) -> None:
-        with self._locked():
-            check_status(lib.pmtp_spec_accept(self.ptr(), seq, n_accepted, next_token), "accept")
+        with self._locked(computes=False) as call:
+            call.check(lib.pmtp_spec_accept(self.ptr(), seq, n_accepted, next_token), "accept")
 
     def seq_state(self, seq: int) -> tuple[bool, int, int]:
         id_last = ffi.new("llama_token *")
@@ -698,8 +807,8 @@ class NativeSpeculative(_NativeHandle):
         return bool(active), int(id_last[0]), int(n_past[0])
 
     def reset_seq(self, seq: int) -> None:
-        with self._locked():
-            check_status(lib.pmtp_spec_reset_seq(self.ptr(), seq), "reset sequence")
+        with self._locked(computes=False) as call:
+            call.check(lib.pmtp_spec_reset_seq(self.ptr(), seq), "reset sequence")
 
     def stats(self) -> dict[str, Any]:
         raw = ffi.new("pmtp_spec_stats *")
@@ -726,16 +835,6 @@ class NativeSpeculative(_NativeHandle):
 PMTP_MAX_DRAFT_CAPACITY = int(lib.PMTP_MAX_DRAFT)
 
 
-class _Locks:
-    """Take several locks in a fixed order (decoder, target, draft): no lock-order deadlock."""
-
-    def __init__(self, *locks: Any) -> None:
-        self._locks = locks
-
-    def __enter__(self) -> None:
-        for lock in self._locks:
-            lock.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        for lock in reversed(self._locks):
-            lock.release()
+def monotonic_us() -> int:
+    """The clock of ``NativeContext.deadline_us`` (microseconds, monotonic)."""
+    return int(lib.pmtp_monotonic_us())

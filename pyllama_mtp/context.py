@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Optional, Sequence, Union
+import contextlib
+from typing import Any, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -12,6 +13,28 @@ from .errors import InvalidArgumentError, NoMTPError, StateError
 from .model import Model
 
 IntArray = Union[Sequence[int], np.ndarray]
+
+
+@contextlib.contextmanager
+def time_limit(natives: Sequence[Any], seconds: Optional[float]) -> Iterator[None]:
+    """Give every computation on these native contexts a deadline ``seconds`` from now.
+
+    Nested limits keep the earlier deadline; the previous one is restored on exit.
+    """
+    if seconds is None:
+        yield
+        return
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not seconds > 0:
+        raise InvalidArgumentError(f"timeout must be a positive number of seconds, got {seconds!r}")
+    deadline = _lowlevel.monotonic_us() + int(seconds * 1e6)
+    previous = [native.deadline_us for native in natives]
+    for native, before in zip(natives, previous):
+        native.deadline_us = deadline if before == 0 else min(before, deadline)
+    try:
+        yield
+    finally:
+        for native, before in zip(natives, previous):
+            native.deadline_us = before
 
 
 def _int_array(values: IntArray, name: str) -> np.ndarray:
@@ -125,6 +148,7 @@ class Context(Resource):
         self._is_mtp = _mtp_target is not None
         self._embeddings = embeddings
         self._last_outputs = np.zeros(0, dtype=np.int8)
+        self._output_offset = 0
         model._adopt(self)
         self._mark_open()
 
@@ -180,13 +204,19 @@ class Context(Resource):
             raise InvalidArgumentError(f"sequence id {seq_id!r} is outside [0, n_seq_max={self.n_seq_max})")
         return int(seq_id)
 
-    def decode(self, batch: Union[Batch, IntArray], *, seq_id: int = 0) -> None:
+    def decode(self, batch: Union[Batch, IntArray], *, seq_id: int = 0,
+               timeout: Optional[float] = None) -> None:
         """Evaluate a batch (or a list of tokens continuing sequence ``seq_id``).
+
+        Ctrl-C stops a long evaluation within one graph node (KeyboardInterrupt), as do
+        :meth:`cancel` from another thread and ``timeout`` seconds.
 
         Raises:
             InvalidArgumentError: bad token id, sequence id, size or positions.
             ContextFullError: no KV slot is free; nothing of the batch was kept.
-            AbortedError: :meth:`cancel` was called during the evaluation.
+            AbortedError: :meth:`cancel` was called during the evaluation; ubatches that
+                completed before it stay (``seq_pos_max`` says how far).
+            DecodeTimeoutError: ``timeout`` (or an enclosing :meth:`time_limit`) passed.
         """
         if not isinstance(batch, Batch):
             batch = Batch(batch, seq_ids=self._check_seq(seq_id))
@@ -201,11 +231,25 @@ class Context(Resource):
         positions = batch.positions if batch.positions is not None else self._next_positions(batch.seq_ids)
         if (positions < 0).any():
             raise InvalidArgumentError("positions must be non-negative")
-        with self._native.lock:
-            self._native.clear_abort()
+        with self._native.lock, self.time_limit(timeout):
             self._last_outputs = np.zeros(0, dtype=np.int8)
-            self._native.decode(batch.tokens, positions, batch.seq_ids, batch.outputs)
+            start = 0
+            if self._native.between_calls_only:
+                # Recurrent memory is stopped only between calls: evaluate a long batch in
+                # ubatch-sized calls so cancel, timeouts and Ctrl-C act between them. Only
+                # when no output is needed before the last call (each call replaces the
+                # logits of the one before).
+                last_chunk = (len(batch) - 1) // self.n_ubatch * self.n_ubatch
+                if not batch.outputs[:last_chunk].any():
+                    for start in range(0, last_chunk, self.n_ubatch):
+                        end = start + self.n_ubatch
+                        self._native.decode(batch.tokens[start:end], positions[start:end],
+                                            batch.seq_ids[start:end], batch.outputs[start:end])
+                    start = last_chunk
+            self._native.decode(batch.tokens[start:], positions[start:], batch.seq_ids[start:],
+                                batch.outputs[start:])
             self._last_outputs = batch.outputs.copy()
+            self._output_offset = start  # batch index of the last call's first token
 
     def _next_positions(self, seq_ids: np.ndarray) -> np.ndarray:
         positions = np.empty(len(seq_ids), dtype=np.int32)
@@ -222,7 +266,7 @@ class Context(Resource):
         index = int(index) % n
         if not self._last_outputs[index]:
             raise InvalidArgumentError(f"token {index} of the last batch was not marked as an output")
-        return index
+        return index - self._output_offset
 
     def logits(self, index: int = -1) -> np.ndarray:
         """Logits (copy, float32, ``n_vocab``) of output token ``index`` of the last batch."""
@@ -235,8 +279,17 @@ class Context(Resource):
         return self._native.embeddings(self._output_index(index), self._model.n_embd)
 
     def cancel(self) -> None:
-        """Stop a decode running in another thread (it raises AbortedError). Thread-safe."""
+        """Stop the running decode (or, if none runs, the next one) with AbortedError.
+
+        Thread-safe. A context over recurrent memory (e.g. qwen35's linear-attention
+        layers) stops at the next ubatch boundary: a half-computed ubatch could not be
+        undone there."""
         self._native.request_abort()
+
+    def time_limit(self, seconds: Optional[float]) -> "contextlib.AbstractContextManager[None]":
+        """``with ctx.time_limit(2.0):`` every evaluation in the block raises
+        :class:`DecodeTimeoutError` once 2 s have passed (``None``: no limit)."""
+        return time_limit((self._native,), seconds)
 
     # -- memory -----------------------------------------------------------------------
     def clear(self) -> None:
@@ -287,12 +340,13 @@ class Context(Resource):
 
     # -- generation -------------------------------------------------------------------
     def generate(self, prompt: Union[str, Iterable[int]], *, max_tokens: int = 128,
-                 sampler: Any = None, seq_id: int = 0, stop_at_eog: bool = True) -> Any:
+                 sampler: Any = None, seq_id: int = 0, stop_at_eog: bool = True,
+                 timeout: Optional[float] = None) -> Any:
         """Stream generated token ids; see :func:`pyllama_mtp.generation.generate`."""
         from .generation import generate
 
         return generate(self, prompt, max_tokens=max_tokens, sampler=sampler,
-                        seq_id=seq_id, stop_at_eog=stop_at_eog)
+                        seq_id=seq_id, stop_at_eog=stop_at_eog, timeout=timeout)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"n_ctx={self.n_ctx}, n_seq_max={self.n_seq_max}"

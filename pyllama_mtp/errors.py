@@ -43,8 +43,13 @@ class DecodeError(LlamaError, RuntimeError):
 
 
 class AbortedError(LlamaError, RuntimeError):
-    """A computation was stopped by the cancel flag or abort callback. The context
-    stays usable; ubatches already computed stay in its memory."""
+    """A computation was stopped (cancel flag, time limit or Ctrl-C). The context stays
+    usable: ubatches completed before the abort stay in its memory (``seq_pos_max`` tells
+    how far), the interrupted one is removed."""
+
+
+class DecodeTimeoutError(AbortedError, TimeoutError):
+    """A computation ran past its time limit (``timeout=`` or ``time_limit()``)."""
 
 
 class InvalidArgumentError(LlamaError, ValueError):

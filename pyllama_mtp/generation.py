@@ -53,11 +53,13 @@ class Sampler(Resource):
 
 def generate(context: "Context", prompt: Union[str, Iterable[int]], *, max_tokens: int = 128,
              sampler: Optional[Sampler] = None, seq_id: int = 0,
-             stop_at_eog: bool = True) -> Iterator[int]:
+             stop_at_eog: bool = True, timeout: Optional[float] = None) -> Iterator[int]:
     """Evaluate ``prompt`` on sequence ``seq_id``, then yield up to ``max_tokens`` new tokens.
 
     The prompt continues whatever the sequence already holds. Long prompts are fed in
-    chunks of ``n_batch``. With no sampler, decoding is greedy.
+    chunks of ``n_batch``. With no sampler, decoding is greedy. ``timeout`` (seconds)
+    bounds the whole generation: past it, :class:`DecodeTimeoutError` is raised and every
+    token yielded so far is in the context.
     """
     if not isinstance(max_tokens, int) or max_tokens < 0:
         raise InvalidArgumentError(f"max_tokens must be a non-negative int, got {max_tokens!r}")
@@ -69,21 +71,22 @@ def generate(context: "Context", prompt: Union[str, Iterable[int]], *, max_token
     own_sampler = sampler is None
     sampler = Sampler.greedy() if own_sampler else sampler
     try:
-        # Each decode and the sampling of its output happen under the context's lock, so
-        # generators on different sequences of one shared context interleave safely.
-        # Every yielded token is decoded before returning: the sequence can be continued.
-        with context.lock:
-            for start in range(0, len(tokens), context.n_batch):
-                context.decode(tokens[start:start + context.n_batch], seq_id=seq_id)
-            token = sampler.sample(context) if max_tokens > 0 else None
-        for produced in range(max_tokens):
-            if stop_at_eog and model.is_eog(token):
-                return
-            yield token
+        with context.time_limit(timeout):
+            # Each decode and the sampling of its output happen under the context's lock, so
+            # generators on different sequences of one shared context interleave safely.
+            # Every yielded token is decoded before returning: the sequence can be continued.
             with context.lock:
-                context.decode([token], seq_id=seq_id)
-                if produced + 1 < max_tokens:
-                    token = sampler.sample(context)
+                for start in range(0, len(tokens), context.n_batch):
+                    context.decode(tokens[start:start + context.n_batch], seq_id=seq_id)
+                token = sampler.sample(context) if max_tokens > 0 else None
+            for produced in range(max_tokens):
+                if stop_at_eog and model.is_eog(token):
+                    return
+                yield token
+                with context.lock:
+                    context.decode([token], seq_id=seq_id)
+                    if produced + 1 < max_tokens:
+                        token = sampler.sample(context)
     finally:
         if own_sampler:
             sampler.close()

@@ -8,6 +8,7 @@ step, whatever the draft length. The low-level methods (:meth:`SpeculativeDecode
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional, Sequence, Union
@@ -16,7 +17,7 @@ import numpy as np
 
 from . import _lowlevel
 from ._resource import Resource
-from .context import Context
+from .context import Context, time_limit
 from .errors import ContextFullError, InvalidArgumentError
 
 __all__ = ["SpeculativeDecoder", "SpeculativeStats", "MemoryReport"]
@@ -205,9 +206,13 @@ class SpeculativeDecoder(Resource):
         if n_past + len(array) > self._target.n_ctx:
             raise ContextFullError(f"the prompt ({len(array)} tokens) does not fit the context "
                                    f"({n_past} of {self._target.n_ctx} positions used)")
+        # A recurrent target stops only between calls: feed a long prompt in ubatch-sized
+        # calls so cancel, timeouts and Ctrl-C act between them.
+        chunk = self._target.n_ubatch if self._target._native.between_calls_only else len(array)
         start = time.perf_counter()
         try:
-            self._native.prefill(seq_id, np.ascontiguousarray(array, dtype=np.int32))
+            for begin in range(0, len(array), chunk):
+                self._native.prefill(seq_id, np.ascontiguousarray(array[begin:begin + chunk], dtype=np.int32))
         finally:
             self._wall_s += time.perf_counter() - start
 
@@ -228,24 +233,30 @@ class SpeculativeDecoder(Resource):
             self._wall_s += time.perf_counter() - start
 
     def generate(self, prompt: Union[str, Iterable[int]], *, max_tokens: int = 128, seq_id: int = 0,
-                 stop_at_eog: bool = True) -> Iterator[int]:
-        """Prefill ``prompt`` and stream up to ``max_tokens`` generated tokens (one sequence)."""
+                 stop_at_eog: bool = True, timeout: Optional[float] = None) -> Iterator[int]:
+        """Prefill ``prompt`` and stream up to ``max_tokens`` generated tokens (one sequence).
+
+        ``timeout`` (seconds) bounds the whole generation (:class:`DecodeTimeoutError`);
+        Ctrl-C stops it within one graph node. Either way the tokens yielded so far are
+        kept and :meth:`step` continues the sequence.
+        """
         if not isinstance(max_tokens, int) or max_tokens < 0:
             raise InvalidArgumentError(f"max_tokens must be a non-negative int, got {max_tokens!r}")
         if self.n_seq != 1:
             raise InvalidArgumentError("generate() drives one sequence; use generate_many() "
                                        "for a decoder with several")
-        self.prefill(prompt, seq_id)
-        model = self._target.model
-        produced = 0
-        while produced < max_tokens:
-            for token in self.step()[seq_id]:
-                if stop_at_eog and model.is_eog(token):
-                    return
-                yield token
-                produced += 1
-                if produced >= max_tokens:
-                    return
+        with self.time_limit(timeout):
+            self.prefill(prompt, seq_id)
+            model = self._target.model
+            produced = 0
+            while produced < max_tokens:
+                for token in self.step()[seq_id]:
+                    if stop_at_eog and model.is_eog(token):
+                        return
+                    yield token
+                    produced += 1
+                    if produced >= max_tokens:
+                        return
 
     def generate_many(self, prompts: Sequence[Union[str, Iterable[int]]], *, max_tokens: int = 128,
                       stop_at_eog: bool = True) -> list[list[int]]:
@@ -273,6 +284,16 @@ class SpeculativeDecoder(Resource):
                 if done[seq_id] and self._native.seq_state(seq_id)[0]:
                     self._native.reset_seq(seq_id)
         return outputs
+
+    def cancel(self) -> None:
+        """Stop the running step (or the next one) with AbortedError. Thread-safe."""
+        self._target.cancel()
+        self._draft_ctx.cancel()
+
+    def time_limit(self, seconds: Optional[float]) -> "contextlib.AbstractContextManager[None]":
+        """``with decoder.time_limit(2.0):`` steps in the block raise
+        :class:`DecodeTimeoutError` once 2 s have passed; the decoder stays consistent."""
+        return time_limit((self._target._native, self._draft_ctx._native), seconds)
 
     # -- low level --------------------------------------------------------------------
     def draft(self, n: Optional[int] = None, seq_id: int = 0) -> list[int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import threading
@@ -17,7 +18,7 @@ import time
 import numpy as np
 import pytest
 
-from pyllama_mtp import AbortedError, Model, SpeculativeDecoder
+from pyllama_mtp import AbortedError, DecodeTimeoutError, Model, SpeculativeDecoder
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "import numpy as np", "Dear sir or madam,"]
 CTX = dict(n_ctx=512, n_threads=1, flash_attn=False)
@@ -126,31 +127,114 @@ def test_gil_is_released_during_decoding(wide_model):
     assert increments > 100, calls
 
 
-def test_cancel_stops_a_long_decode_and_the_context_stays_usable(wide_model):
-    tokens = long_batch(wide_model)
-    with wide_model.context(n_ctx=2048, n_batch=512, n_ubatch=64, n_threads=1) as ctx:
-        stop = threading.Event()
-
-        def keep_cancelling():
-            while not stop.is_set():
-                ctx.cancel()
-                time.sleep(0.0002)
-
-        canceller = threading.Thread(target=keep_cancelling)
+def test_cancel_stops_a_long_decode_and_the_context_stays_usable(wide_model, logit_tolerance):
+    tokens = (long_batch(wide_model) * 4)[:2048]
+    full_s, reference = decode_time(wide_model, tokens)
+    with wide_model.context(**INTERRUPT_CTX) as ctx:
+        canceller = threading.Timer(full_s / 4, ctx.cancel)
         canceller.start()
         try:
-            with pytest.raises(AbortedError):
+            with pytest.raises(AbortedError, match="cancelled"):
                 ctx.decode(tokens)
         finally:
-            stop.set()
             canceller.join()
-        # ubatches computed before the abort may remain: clear and redo, as documented.
-        ctx.seq_rm(0)
-        ctx.decode(tokens[:64])
-        after = ctx.logits()
-    with wide_model.context(n_ctx=2048, n_batch=512, n_ubatch=64, n_threads=1) as fresh:
-        fresh.decode(tokens[:64])
-        assert np.array_equal(fresh.logits(), after)
+        kept = ctx.pos_max(0) + 1
+        assert 0 < kept < len(tokens) and kept % 64 == 0, kept
+        ctx.decode(tokens[kept:])  # the cancel was spent: this runs to the end
+        np.testing.assert_allclose(ctx.logits(), reference, atol=logit_tolerance)
+        # With nothing running, cancel() stops the next decode.
+        ctx.cancel()
+        with pytest.raises(AbortedError):
+            ctx.decode(tokens[:8])
+
+
+def decode_time(model, tokens):
+    """Seconds one uninterrupted decode of ``tokens`` takes, and its last logits."""
+    with model.context(**INTERRUPT_CTX) as ctx:
+        start = time.perf_counter()
+        ctx.decode(tokens)
+        return time.perf_counter() - start, ctx.logits()
+
+
+INTERRUPT_CTX = dict(n_ctx=4096, n_batch=2048, n_ubatch=64, n_threads=1)
+
+
+@pytest.fixture(scope="module", params=["glm4moe", "qwen35"])
+def wide_model_any(request, model_dir):
+    """Attention-only (glm4moe: stopped inside a graph) and hybrid recurrent (qwen35:
+    stopped between ubatch-sized calls) models."""
+    from pyllama_mtp import fixtures
+
+    path = fixtures.make_model(request.param, n_embd=512, n_layer=4, cache_dir=model_dir)
+    with Model.load(path) as loaded:
+        yield loaded
+
+
+def test_timeout_stops_a_long_decode_and_keeps_whole_ubatches(wide_model_any, logit_tolerance):
+    model = wide_model_any
+    tokens = (long_batch(model) * 4)[:2048]
+    full_s, reference = decode_time(model, tokens)
+    with model.context(**INTERRUPT_CTX) as ctx:
+        with pytest.raises(DecodeTimeoutError, match="time limit"):
+            ctx.decode(tokens, timeout=full_s / 4)
+        kept = ctx.pos_max(0) + 1
+        # Stopped part-way, on a ubatch boundary; the interrupted ubatch was removed.
+        assert 0 <= kept < len(tokens) and kept % 64 == 0, kept
+        ctx.decode(tokens[kept:])  # resume where it stopped
+        np.testing.assert_allclose(ctx.logits(), reference, atol=logit_tolerance)
+        with pytest.raises(Exception, match="positive"):
+            ctx.decode(tokens[:1], timeout=0)
+
+
+_SIGINT_CHILD = r"""
+import json, sys, time
+import numpy as np
+from pyllama_mtp import Model
+
+path, n_tokens = sys.argv[1], int(sys.argv[2])
+with Model.load(path) as model, model.context(n_ctx=4096, n_batch=2048, n_ubatch=64, n_threads=1) as ctx:
+    tokens = (model.tokenize("the quick brown fox jumps over the lazy dog") * 500)[:n_tokens]
+    start = time.perf_counter()
+    ctx.decode(tokens)
+    print(json.dumps({"full_s": time.perf_counter() - start}), flush=True)
+    reference = ctx.logits()
+    ctx.seq_rm(0)
+    start = time.perf_counter()
+    try:
+        ctx.decode(tokens)
+        outcome = "completed"
+    except KeyboardInterrupt:
+        outcome = "KeyboardInterrupt"
+    stopped_s = time.perf_counter() - start
+    kept = ctx.pos_max(0) + 1
+    ctx.decode(tokens[kept:])
+    error = float(np.abs(ctx.logits() - reference).max())
+    print(json.dumps({"outcome": outcome, "kept": kept, "stopped_s": stopped_s, "error": error}), flush=True)
+"""
+
+
+@pytest.mark.parametrize("arch", ["glm4moe", "qwen35"])
+def test_ctrl_c_stops_a_long_decode_within_the_call(arch, model_dir, logit_tolerance):
+    """SIGINT during a 2,048-token decode (a fresh process, its default devices): the call
+    stops part-way with KeyboardInterrupt, and the context resumes from what it kept."""
+    from pyllama_mtp import fixtures
+
+    path = fixtures.make_model(arch, n_embd=512, n_layer=4, cache_dir=model_dir)
+    child = subprocess.Popen([sys.executable, "-c", _SIGINT_CHILD, str(path), "2048"], cwd="/",
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        full_s = json.loads(child.stdout.readline())["full_s"]
+        time.sleep(full_s / 4)  # the second decode has started and runs for ~full_s
+        child.send_signal(signal.SIGINT)
+        out, err = child.communicate(timeout=300)
+    finally:
+        child.kill()
+    assert child.returncode == 0, err[-2000:]
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["outcome"] == "KeyboardInterrupt", result
+    # kept > 0: the signal came during the call, not before it.
+    assert 0 < result["kept"] < 2048 and result["kept"] % 64 == 0, result
+    assert result["error"] <= logit_tolerance, result
 
 
 def test_load_decode_close_cycles_keep_memory_flat(model_path):

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
 from pyllama_mtp import (
+    AbortedError,
     ContextFullError,
+    DecodeTimeoutError,
     InvalidArgumentError,
     Model,
     NoMTPError,
@@ -198,11 +202,41 @@ def test_full_context_keeps_accepted_tokens(model):
         assert list(decoder.generate(PROMPTS[0], max_tokens=20, stop_at_eog=False)) == produced[:20]
 
 
-def test_draft_context_shares_the_weights(model_path):
+def test_aborted_steps_leave_the_decoder_consistent(model, arch):
+    """A step stopped while drafting, or before its verify batch, changes nothing; the
+    drafter's catch-up on a verified batch is never cut (undoing the target's finished
+    batch is impossible for recurrent memory). Decoding continues losslessly."""
+    expected = plain_greedy(model, PROMPTS[1], 120)
+    with SpeculativeDecoder.create(model, n_ctx=512, n_draft=3, **CTX) as decoder:
+        decoder.prefill(PROMPTS[1])
+        produced = []
+        # (whose deadline passes at once, n_draft, whether the step stops)
+        stops = [(decoder, 3, True), (decoder, 0, True), (decoder.draft_context, 0, False)]
+        while len(produced) < 120:
+            if stops and len(produced) >= 10 * (4 - len(stops)):
+                where, n_draft, stopped = stops.pop(0)
+                with where.time_limit(1e-6):
+                    time.sleep(1e-5)
+                    if stopped:
+                        with pytest.raises(DecodeTimeoutError):
+                            decoder.step(n_draft)
+                    else:
+                        produced += decoder.step(n_draft)[0]
+            produced += decoder.step()[0]
+        assert not stops
+        assert produced[:120] == expected
+        # cancel() with nothing running stops the next step, once.
+        decoder.cancel()
+        with pytest.raises(AbortedError, match="cancelled"):
+            decoder.step()
+        assert decoder.step()
+
+
+def test_draft_context_shares_the_weights(model_path, backend_name):
     """The draft context adds its KV and buffers, never a second copy of the weights."""
     psutil = pytest.importorskip("psutil")
     process = psutil.Process()
-    path = model_path("qwen35", n_embd=512, n_layer=4)
+    path = model_path("qwen35", n_embd=768, n_layer=6)
     with Model.load(path, use_mmap=False) as model, model.context(n_ctx=512, n_rs_seq=4, **CTX) as target:
         before = process.memory_info().rss
         with model.mtp_context(target) as draft:
@@ -212,12 +246,15 @@ def test_draft_context_shares_the_weights(model_path):
             draft_own = sum(e["context"] + e["compute"] for e in draft.memory_breakdown())
             with SpeculativeDecoder(target, draft, n_draft=3) as decoder:
                 report = decoder.memory_report()
-        assert model.size > 20 << 20
+        assert model.size > 100 << 20
         # Same weight buffers seen from both contexts; the process grew by about the
-        # draft's own buffers, far less than the weights.
+        # draft's own buffers, far less than the weights. A GPU backend also gives each
+        # context staging and command buffers that memory_breakdown does not list
+        # (about 9 MiB on llvmpipe, whose device memory is this process's memory).
+        slack = (8 << 20) if backend_name == "cpu" else (24 << 20)
         assert draft_weights == target_weights
-        assert after - before < draft_own + (8 << 20)
-        assert after - before < model.size // 4
+        assert after - before < draft_own + slack, (after - before, draft_own)
+        assert after - before < model.size // 3
         assert 0 < report.mtp_weights < model.size
         assert report.recurrent_snapshots > 0
         assert report.draft_context == draft_own

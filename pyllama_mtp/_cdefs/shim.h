@@ -13,7 +13,22 @@ int32_t pmtp_rpc_add_server(const char * endpoint);
 
 int32_t pmtp_decode_tokens(struct llama_context * ctx, int32_t n, const llama_token * tokens,
                            const llama_pos * pos, const llama_seq_id * seq_ids, const int8_t * output);
-bool    pmtp_abort_if_flag_set(void * flag);
+
+enum pmtp_abort_reason { PMTP_ABORT_NONE, PMTP_ABORT_CANCEL, PMTP_ABORT_TIMEOUT, PMTP_ABORT_SIGINT, ... };
+typedef struct pmtp_abort_state {
+    int32_t  cancel;
+    int32_t  between_calls_only;
+    int32_t  watch_sigint;
+    uint64_t sigint_mark;
+    int64_t  deadline_us;
+    int32_t  reason;
+} pmtp_abort_state;
+bool     pmtp_abort_check(void * data);
+int64_t  pmtp_monotonic_us(void);
+uint64_t pmtp_sigint_watch_begin(void);
+void     pmtp_sigint_watch_end(void);
+uint64_t pmtp_sigint_count(void);
+
 
 void    pmtp_set_embeddings_nextn(struct llama_context * ctx, bool value, bool masked);
 float * pmtp_get_embeddings_nextn_ith(struct llama_context * ctx, int32_t i);
@@ -47,6 +62,7 @@ typedef struct pmtp_spec_stats {
 pmtp_spec * pmtp_spec_new(struct llama_context * tgt, struct llama_context * dft,
                           int32_t n_seq, int32_t n_draft_max, int32_t * status);
 void    pmtp_spec_free(pmtp_spec * spec);
+void    pmtp_spec_set_draft_abort_state(pmtp_spec * spec, pmtp_abort_state * state);
 int32_t pmtp_spec_n_draft_max(const pmtp_spec * spec);
 int32_t pmtp_spec_prefill(pmtp_spec * spec, llama_seq_id seq, const llama_token * tokens, int32_t n);
 int32_t pmtp_spec_draft(pmtp_spec * spec, const int32_t * n_max, float p_min);
