@@ -518,8 +518,7 @@ class NativeContext(_NativeHandle):
         # Cancel flag, deadline and Ctrl-C watch, read by C on every graph node: no
         # Python, no GIL in that check.
         self.abort_state = ffi.new("pmtp_abort_state *")
-        # Recurrent state cannot be rolled back from a half-run ubatch: stop between calls.
-        self.abort_state.between_calls_only = not config.mtp and bool(
+        recurrent = not config.mtp and bool(
             lib.llama_model_is_recurrent(model.ptr()) or lib.llama_model_is_hybrid(model.ptr()))
         params.abort_callback = lib.pmtp_abort_check
         params.abort_callback_data = self.abort_state
@@ -536,6 +535,12 @@ class NativeContext(_NativeHandle):
         self.n_seq_max = int(lib.llama_n_seq_max(ptr))
         self.n_rs_seq = int(lib.llama_n_rs_seq(ptr))
         self.n_threads = threads
+        # Stop inside a graph only where that is known to be safe: all on the CPU backend
+        # (only it polls the callback; on Vulkan a stop between splits left the device
+        # queue broken and a later step crashed) and no recurrent memory (it cannot undo
+        # a half-run ubatch: upstream restores a stale snapshot). Otherwise between calls.
+        offloaded = any(not entry["buffer_type"].upper().startswith("CPU") for entry in self.memory_breakdown())
+        self.abort_state.between_calls_only = recurrent or offloaded
 
     def _free(self, ptr: Any) -> None:
         lib.llama_free(ptr)

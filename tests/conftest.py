@@ -39,11 +39,12 @@ def _free_port() -> int:
 
 
 def _start_rpc_server():
-    servers = sorted(REPO.glob("build/*/bin/ggml-rpc-server"))
+    servers = list(REPO.glob("build/*/bin/ggml-rpc-server"))
     if not servers:
         pytest.skip("backend rpc: no ggml-rpc-server in build/*/bin (build with GGML_RPC=ON)")
+    server = max(servers, key=lambda path: path.stat().st_mtime)  # the latest build's
     port = _free_port()
-    process = subprocess.Popen([str(servers[0]), "-H", "127.0.0.1", "-p", str(port), "-t", "1"],
+    process = subprocess.Popen([str(server), "-H", "127.0.0.1", "-p", str(port), "-t", "1"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

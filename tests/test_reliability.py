@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pytest
 
-from pyllama_mtp import AbortedError, DecodeTimeoutError, Model, SpeculativeDecoder
+from pyllama_mtp import AbortedError, DecodeTimeoutError, InvalidArgumentError, Model, SpeculativeDecoder
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "import numpy as np", "Dear sir or madam,"]
 CTX = dict(n_ctx=512, n_threads=1, flash_attn=False)
@@ -127,10 +127,36 @@ def test_gil_is_released_during_decoding(wide_model):
     assert increments > 100, calls
 
 
-def test_cancel_stops_a_long_decode_and_the_context_stays_usable(wide_model, logit_tolerance):
-    tokens = (long_batch(wide_model) * 4)[:2048]
-    full_s, reference = decode_time(wide_model, tokens)
-    with wide_model.context(**INTERRUPT_CTX) as ctx:
+@pytest.fixture(scope="module")
+def interrupt_shape(backend_name):
+    """(fixture size, tokens, n_ubatch) for a decode of about a second or more here:
+    software Vulkan (llvmpipe) is ~500x slower than the CPU backend on these models."""
+    if backend_name == "vulkan":
+        return {}, 256, 32
+    return dict(n_embd=512, n_layer=4), 2048, 64
+
+
+@pytest.fixture(scope="module", params=["glm4moe", "qwen35"])
+def interrupt_case(request, model_dir, interrupt_shape):
+    """A model and a long batch for it: attention-only (glm4moe: stopped inside a graph)
+    and hybrid recurrent (qwen35: stopped between ubatch-sized calls)."""
+    from pyllama_mtp import fixtures
+
+    size, n_tokens, n_ubatch = interrupt_shape
+    path = fixtures.make_model(request.param, cache_dir=model_dir, **size)
+    with Model.load(path) as model:
+        tokens = (long_batch(model) * (n_tokens // 64 + 1))[:n_tokens]
+        ctx_args = dict(n_ctx=2 * n_tokens, n_batch=n_tokens, n_ubatch=n_ubatch, n_threads=1)
+        with model.context(**ctx_args) as ctx:
+            start = time.perf_counter()
+            ctx.decode(tokens)
+            full_s, reference = time.perf_counter() - start, ctx.logits()
+        yield model, tokens, ctx_args, full_s, reference
+
+
+def test_cancel_stops_a_long_decode_and_the_context_stays_usable(interrupt_case, logit_tolerance):
+    model, tokens, ctx_args, full_s, reference = interrupt_case
+    with model.context(**ctx_args) as ctx:
         canceller = threading.Timer(full_s / 4, ctx.cancel)
         canceller.start()
         try:
@@ -139,7 +165,8 @@ def test_cancel_stops_a_long_decode_and_the_context_stays_usable(wide_model, log
         finally:
             canceller.join()
         kept = ctx.pos_max(0) + 1
-        assert 0 < kept < len(tokens) and kept % 64 == 0, kept
+        # Stopped part-way, on a ubatch boundary; the interrupted ubatch was removed.
+        assert 0 < kept < len(tokens) and kept % ctx_args["n_ubatch"] == 0, kept
         ctx.decode(tokens[kept:])  # the cancel was spent: this runs to the end
         np.testing.assert_allclose(ctx.logits(), reference, atol=logit_tolerance)
         # With nothing running, cancel() stops the next decode.
@@ -148,41 +175,16 @@ def test_cancel_stops_a_long_decode_and_the_context_stays_usable(wide_model, log
             ctx.decode(tokens[:8])
 
 
-def decode_time(model, tokens):
-    """Seconds one uninterrupted decode of ``tokens`` takes, and its last logits."""
-    with model.context(**INTERRUPT_CTX) as ctx:
-        start = time.perf_counter()
-        ctx.decode(tokens)
-        return time.perf_counter() - start, ctx.logits()
-
-
-INTERRUPT_CTX = dict(n_ctx=4096, n_batch=2048, n_ubatch=64, n_threads=1)
-
-
-@pytest.fixture(scope="module", params=["glm4moe", "qwen35"])
-def wide_model_any(request, model_dir):
-    """Attention-only (glm4moe: stopped inside a graph) and hybrid recurrent (qwen35:
-    stopped between ubatch-sized calls) models."""
-    from pyllama_mtp import fixtures
-
-    path = fixtures.make_model(request.param, n_embd=512, n_layer=4, cache_dir=model_dir)
-    with Model.load(path) as loaded:
-        yield loaded
-
-
-def test_timeout_stops_a_long_decode_and_keeps_whole_ubatches(wide_model_any, logit_tolerance):
-    model = wide_model_any
-    tokens = (long_batch(model) * 4)[:2048]
-    full_s, reference = decode_time(model, tokens)
-    with model.context(**INTERRUPT_CTX) as ctx:
+def test_timeout_stops_a_long_decode_and_keeps_whole_ubatches(interrupt_case, logit_tolerance):
+    model, tokens, ctx_args, full_s, reference = interrupt_case
+    with model.context(**ctx_args) as ctx:
         with pytest.raises(DecodeTimeoutError, match="time limit"):
             ctx.decode(tokens, timeout=full_s / 4)
         kept = ctx.pos_max(0) + 1
-        # Stopped part-way, on a ubatch boundary; the interrupted ubatch was removed.
-        assert 0 <= kept < len(tokens) and kept % 64 == 0, kept
+        assert 0 <= kept < len(tokens) and kept % ctx_args["n_ubatch"] == 0, kept
         ctx.decode(tokens[kept:])  # resume where it stopped
         np.testing.assert_allclose(ctx.logits(), reference, atol=logit_tolerance)
-        with pytest.raises(Exception, match="positive"):
+        with pytest.raises(InvalidArgumentError, match="positive"):
             ctx.decode(tokens[:1], timeout=0)
 
 
@@ -191,49 +193,44 @@ import json, sys, time
 import numpy as np
 from pyllama_mtp import Model
 
-path, n_tokens = sys.argv[1], int(sys.argv[2])
-with Model.load(path) as model, model.context(n_ctx=4096, n_batch=2048, n_ubatch=64, n_threads=1) as ctx:
-    tokens = (model.tokenize("the quick brown fox jumps over the lazy dog") * 500)[:n_tokens]
+path, tokens, ctx_args = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
+with Model.load(path) as model, model.context(**ctx_args) as ctx:
     start = time.perf_counter()
     ctx.decode(tokens)
     print(json.dumps({"full_s": time.perf_counter() - start}), flush=True)
     reference = ctx.logits()
     ctx.seq_rm(0)
-    start = time.perf_counter()
     try:
         ctx.decode(tokens)
         outcome = "completed"
     except KeyboardInterrupt:
         outcome = "KeyboardInterrupt"
-    stopped_s = time.perf_counter() - start
     kept = ctx.pos_max(0) + 1
     ctx.decode(tokens[kept:])
     error = float(np.abs(ctx.logits() - reference).max())
-    print(json.dumps({"outcome": outcome, "kept": kept, "stopped_s": stopped_s, "error": error}), flush=True)
+    print(json.dumps({"outcome": outcome, "kept": kept, "error": error}), flush=True)
 """
 
 
-@pytest.mark.parametrize("arch", ["glm4moe", "qwen35"])
-def test_ctrl_c_stops_a_long_decode_within_the_call(arch, model_dir, logit_tolerance):
-    """SIGINT during a 2,048-token decode (a fresh process, its default devices): the call
+def test_ctrl_c_stops_a_long_decode_within_the_call(interrupt_case, logit_tolerance):
+    """SIGINT during a long decode (in a fresh process, on its default devices): the call
     stops part-way with KeyboardInterrupt, and the context resumes from what it kept."""
-    from pyllama_mtp import fixtures
-
-    path = fixtures.make_model(arch, n_embd=512, n_layer=4, cache_dir=model_dir)
-    child = subprocess.Popen([sys.executable, "-c", _SIGINT_CHILD, str(path), "2048"], cwd="/",
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    model, tokens, ctx_args, _, _ = interrupt_case
+    child = subprocess.Popen([sys.executable, "-c", _SIGINT_CHILD, str(model.path), json.dumps(tokens),
+                              json.dumps(ctx_args)], cwd="/", stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
     try:
         full_s = json.loads(child.stdout.readline())["full_s"]
         time.sleep(full_s / 4)  # the second decode has started and runs for ~full_s
         child.send_signal(signal.SIGINT)
-        out, err = child.communicate(timeout=300)
+        out, err = child.communicate(timeout=600)
     finally:
         child.kill()
     assert child.returncode == 0, err[-2000:]
     result = json.loads(out.strip().splitlines()[-1])
     assert result["outcome"] == "KeyboardInterrupt", result
     # kept > 0: the signal came during the call, not before it.
-    assert 0 < result["kept"] < 2048 and result["kept"] % 64 == 0, result
+    assert 0 < result["kept"] < len(tokens) and result["kept"] % ctx_args["n_ubatch"] == 0, result
     assert result["error"] <= logit_tolerance, result
 
 
