@@ -7,7 +7,9 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from . import Model, Sampler, SpeculativeDecoder, TextStream, __version__, fixtures, system_info
+from . import Model, Sampler, SpeculativeDecoder, TextStream, __version__, fixtures, gguf_tools, system_info
+from .errors import LlamaError
+from .model import quantize
 
 
 def _progress_bar(label: str):
@@ -105,6 +107,36 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_inspect(args: argparse.Namespace) -> int:
+    summary = gguf_tools.inspect(args.model)
+    print(summary)
+    if summary.n_mtp_layers:
+        print(f"  MTP memory at n_ctx {args.ctx_size}: {summary.mtp_memory(args.ctx_size) / (1 << 20):.1f} MiB "
+              f"(weights {summary.mtp_tensor_bytes / (1 << 20):.1f} MiB + its KV cache)")
+    return 0
+
+
+def cmd_strip(args: argparse.Namespace) -> int:
+    print(gguf_tools.strip(args.model, args.output))
+    return 0
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    print(gguf_tools.extract_mtp(args.model, args.output))
+    return 0
+
+
+def cmd_graft(args: argparse.Namespace) -> int:
+    print(gguf_tools.graft(args.mtp_from, args.into, args.output))
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    quantize(args.model, args.output, args.type, n_threads=args.threads)
+    print(gguf_tools.inspect(args.output))
+    return 0
+
+
 def _add_generation_options(parser: argparse.ArgumentParser, prompt_default: Optional[str]) -> None:
     parser.add_argument("-p", "--prompt", default=prompt_default, required=prompt_default is None,
                         help="text to continue")
@@ -138,9 +170,45 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="versions, backends and devices")
     info.set_defaults(func=cmd_info)
+
+    inspect = commands.add_parser("inspect", help="architecture, sizes, types and MTP layers of a GGUF")
+    inspect.add_argument("model", help="GGUF file")
+    inspect.add_argument("-c", "--ctx-size", type=int, default=4096,
+                         help="context size for the MTP memory estimate (default 4096)")
+    inspect.set_defaults(func=cmd_inspect)
+
+    strip = commands.add_parser("strip", help="write a copy without the MTP layers")
+    strip.add_argument("model", help="GGUF file with MTP layers")
+    strip.add_argument("-o", "--output", required=True, help="output GGUF")
+    strip.set_defaults(func=cmd_strip)
+
+    extract = commands.add_parser("extract-mtp", help="write only the MTP layers (a donor for graft)")
+    extract.add_argument("model", help="GGUF file with MTP layers")
+    extract.add_argument("-o", "--output", required=True, help="output GGUF")
+    extract.set_defaults(func=cmd_extract)
+
+    graft = commands.add_parser("graft", help="copy MTP layers into the same model without them")
+    graft.add_argument("--mtp-from", required=True, help="GGUF with MTP layers (full model or extract-mtp output)")
+    graft.add_argument("--into", required=True, help="GGUF of the same model without MTP layers")
+    graft.add_argument("-o", "--output", required=True, help="output GGUF")
+    graft.set_defaults(func=cmd_graft)
+
+    quant = commands.add_parser("quantize", help="quantize a GGUF with llama.cpp (MTP layers included)")
+    quant.add_argument("model", help="GGUF file")
+    quant.add_argument("-o", "--output", required=True, help="output GGUF")
+    quant.add_argument("--type", default="q8_0", help="q8_0 (default), q4_k_m, f16, ...")
+    quant.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all)")
+    quant.set_defaults(func=cmd_quantize)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except LlamaError as exc:  # a bad file or argument: one line, no traceback
+        print(f"pyllama-mtp {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
