@@ -157,6 +157,23 @@ PMTP_API void        pmtp_spec_free(pmtp_spec * spec);
  * tokens the target already accepted is then never stopped half-way: undoing the target's
  * completed batch is impossible for recurrent memory. A stop takes effect at the next draft. */
 PMTP_API void        pmtp_spec_set_draft_abort_state(pmtp_spec * spec, pmtp_abort_state * state);
+
+/* How pmtp_spec_step picks tokens. temperature <= 0: greedy (argmax) drafts and
+ * verification, the default. temperature > 0: drafts are sampled from the MTP head's
+ * distribution q and accepted with probability min(1, p/q) against the target's p, with a
+ * draw from the residual max(0, p - q) on rejection (speculative sampling): the output
+ * has exactly the distribution of plain sampling. exact_match instead accepts a draft
+ * token only when the target's own sample equals it (also exact, accepts less). p and q
+ * use the same filters as pyllama_mtp's Sampler: top-k, top-p, min-p, then temperature. */
+typedef struct pmtp_sampling_params {
+    float    temperature;
+    int32_t  top_k;        /* 0 = off */
+    float    top_p;        /* 1 = off */
+    float    min_p;        /* 0 = off */
+    uint32_t seed;
+    int32_t  exact_match;
+} pmtp_sampling_params;
+PMTP_API int32_t pmtp_spec_set_sampling(pmtp_spec * spec, const pmtp_sampling_params * params);
 /* n_draft_max after limits of the model (chained heads cap it at their count). */
 PMTP_API int32_t     pmtp_spec_n_draft_max(const pmtp_spec * spec);
 

@@ -10,6 +10,7 @@
 
 #include "pyllama_mtp.h"
 #include "internal.h"
+#include "sampling.h"
 
 #include "llama-ext.h"
 
@@ -19,6 +20,7 @@
 #include <cstring>
 #include <exception>
 #include <new>
+#include <random>
 #include <vector>
 
 namespace {
@@ -81,6 +83,8 @@ struct pmtp_seq {
     std::vector<float> pending_h;    // target hidden row paired with id_last
     std::vector<llama_token> draft;  // current draft (after draft(), before accept())
     std::vector<float> draft_p;      // MTP probability of each draft token
+    std::vector<float> draft_q;      // sampled drafts: the MTP distribution at each position
+                                     // (n_vocab floats each); empty for argmax / set drafts
     std::vector<float> verify_h;     // target nextn rows of the last verify batch
     std::vector<llama_token> verify_choice;  // target argmax at each verify row
     int32_t verify_rows = 0;
@@ -101,6 +105,11 @@ struct pmtp_spec {
     std::vector<pmtp_seq> seqs;
     pmtp_spec_stats stats = {};
     pmtp_abort_state * dft_abort = nullptr;  // see pmtp_spec_set_draft_abort_state
+    pmtp_sampling_params sampling = {};        // temperature 0: greedy
+    std::mt19937_64 rng;
+    std::vector<float> probs, residual;        // scratch, n_vocab each
+    std::vector<int32_t> order;
+    bool sampled() const { return sampling.temperature > 0.0f; }
 };
 
 namespace {
@@ -372,6 +381,8 @@ int32_t pmtp_spec_prefill(pmtp_spec * s, llama_seq_id seq, const llama_token * t
         q.id_last = tokens[n - 1];
         q.active = true;
         q.draft.clear();
+        q.draft_p.clear();
+        q.draft_q.clear();
         return PMTP_OK;
     });
 }
@@ -396,6 +407,7 @@ int32_t pmtp_spec_draft(pmtp_spec * s, const int32_t * n_max, float p_min) {
             pmtp_seq & q = s->seqs[seq];
             q.draft.clear();
             q.draft_p.clear();
+            q.draft_q.clear();
             limit[seq] = q.active ? std::min(n_max[seq], s->n_draft_max) : 0;
             if (limit[seq] <= 0) {
                 continue;
@@ -438,14 +450,26 @@ int32_t pmtp_spec_draft(pmtp_spec * s, const int32_t * n_max, float p_min) {
                     status = PMTP_ERR_INTERNAL;
                     break;
                 }
-                const llama_token id = argmax(logits, s->n_vocab);
-                const float p = p_min > 0.0f ? top_probability(logits, s->n_vocab, id) : 1.0f;
+                llama_token id;
+                float p, p_top;
+                if (s->sampled() && !s->sampling.exact_match) {
+                    pmtp::sampling_probs(logits, s->n_vocab, s->sampling, s->probs, s->order);
+                    id = pmtp::sample_index(s->probs, s->rng);
+                    p = s->probs[id];
+                    p_top = *std::max_element(s->probs.begin(), s->probs.end());
+                } else {
+                    id = argmax(logits, s->n_vocab);
+                    p = p_top = p_min > 0.0f ? top_probability(logits, s->n_vocab, id) : 1.0f;
+                }
                 i_last[seq] = -1;
-                if (p < p_min) {
+                if (p_top < p_min) {
                     continue;
                 }
                 q.draft.push_back(id);
                 q.draft_p.push_back(p);
+                if (s->sampled() && !s->sampling.exact_match) {
+                    q.draft_q.insert(q.draft_q.end(), s->probs.begin(), s->probs.end());
+                }
                 if ((int32_t) q.draft.size() >= limit[seq]) {
                     continue;
                 }
@@ -490,6 +514,7 @@ int32_t pmtp_spec_draft(pmtp_spec * s, const int32_t * n_max, float p_min) {
             if (status != PMTP_OK) {
                 q.draft.clear();
                 q.draft_p.clear();
+                q.draft_q.clear();
             } else {
                 s->stats.n_drafted += (int64_t) q.draft.size();
             }
@@ -506,6 +531,7 @@ int32_t pmtp_spec_set_draft(pmtp_spec * s, llama_seq_id seq, const llama_token *
     pmtp_seq & q = s->seqs[seq];
     q.draft.assign(tokens, tokens + n);
     q.draft_p.assign(n, 1.0f);
+    q.draft_q.clear();  // a given draft is certain: q is a point mass
     return PMTP_OK;
 }
 
@@ -630,9 +656,69 @@ int32_t pmtp_spec_accept(pmtp_spec * s, llama_seq_id seq, int32_t n_accepted, ll
         q.id_last = next;
         q.draft.clear();
         q.draft_p.clear();
+        q.draft_q.clear();
         q.verify_rows = 0;
         return rolled;
     });
+}
+
+}  // extern "C"
+
+namespace {
+
+// Speculative sampling over one sequence's verified rows: returns the token that follows
+// the k accepted drafts. Rule (Leviathan et al. 2023; Chen et al. 2023): accept draft x
+// at row i with probability min(1, p_i(x) / q_i(x)); on rejection draw from
+// norm(max(0, p_i - q_i)); after k = all, draw the bonus token from p_k. The output then
+// has exactly plain sampling's distribution. With exact_match the target samples each row
+// itself and a draft token stays only if it equals that sample.
+llama_token sampled_acceptance(pmtp_spec * s, const pmtp_seq & q, int32_t & k) {
+    const int32_t n_vocab = s->n_vocab;
+    const int32_t n_draft = (int32_t) q.draft.size();
+    for (k = 0; k <= n_draft; k++) {
+        const float * logits = llama_get_logits_ith(s->tgt, q.verify_beg + k);
+        pmtp::sampling_probs(logits, n_vocab, s->sampling, s->probs, s->order);
+        if (k == n_draft) {
+            break;  // every draft accepted: the bonus token comes from p
+        }
+        const llama_token x = q.draft[k];
+        if (s->sampling.exact_match) {
+            const llama_token t = pmtp::sample_index(s->probs, s->rng);
+            if (t != x) {
+                return t;
+            }
+            continue;
+        }
+        const float * q_row = q.draft_q.empty() ? nullptr : q.draft_q.data() + (size_t) k * n_vocab;
+        const double q_x = q_row ? q_row[x] : 1.0;
+        if (q_x > 0.0 && pmtp::uniform01(s->rng) * q_x < s->probs[x]) {
+            continue;  // accepted with probability min(1, p(x) / q(x))
+        }
+        s->residual.resize(n_vocab);
+        double mass = 0.0;
+        for (int32_t j = 0; j < n_vocab; j++) {
+            const float q_j = q_row ? q_row[j] : (j == x ? 1.0f : 0.0f);
+            s->residual[j] = std::max(0.0f, s->probs[j] - q_j);
+            mass += s->residual[j];
+        }
+        // p == q up to rounding leaves no residual mass: p itself is then the residual.
+        return pmtp::sample_index(mass > 0.0 ? s->residual : s->probs, s->rng);
+    }
+    return pmtp::sample_index(s->probs, s->rng);
+}
+
+}  // namespace
+
+extern "C" {
+
+int32_t pmtp_spec_set_sampling(pmtp_spec * s, const pmtp_sampling_params * params) {
+    if (s == nullptr || params == nullptr || !std::isfinite(params->temperature) || params->top_k < 0 ||
+        !(params->top_p > 0.0f && params->top_p <= 1.0f) || !(params->min_p >= 0.0f && params->min_p < 1.0f)) {
+        return PMTP_ERR_ARGUMENT;
+    }
+    s->sampling = *params;
+    s->rng.seed(params->seed);
+    return PMTP_OK;
 }
 
 int32_t pmtp_spec_step(pmtp_spec * s, int32_t n_draft, float p_min, llama_token * out_tokens,
@@ -662,10 +748,15 @@ int32_t pmtp_spec_step(pmtp_spec * s, int32_t n_draft, float p_min, llama_token 
             continue;
         }
         int32_t k = 0;
-        while (k < (int32_t) q.draft.size() && q.verify_choice[k] == q.draft[k]) {
-            k++;
+        llama_token next;
+        if (s->sampled()) {
+            next = sampled_acceptance(s, q, k);
+        } else {
+            while (k < (int32_t) q.draft.size() && q.verify_choice[k] == q.draft[k]) {
+                k++;
+            }
+            next = q.verify_choice[k];
         }
-        const llama_token next = q.verify_choice[k];
         llama_token * out = out_tokens + (size_t) seq * stride;
         for (int32_t i = 0; i < k; i++) {
             out[i] = q.draft[i];

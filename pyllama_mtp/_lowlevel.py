@@ -767,6 +767,18 @@ class NativeSpeculative(_NativeHandle):
                                             self._out_counts_ptr), "speculative step")
         return self._out_tokens, self._out_counts
 
+    def set_sampling(self, temperature: float, top_k: int, top_p: float, min_p: float, seed: int,
+                     exact_match: bool) -> None:
+        params = ffi.new("pmtp_sampling_params *")
+        params.temperature = temperature
+        params.top_k = top_k
+        params.top_p = top_p
+        params.min_p = min_p
+        params.seed = seed & 0xFFFFFFFF
+        params.exact_match = exact_match
+        with self.lock:
+            check_status(lib.pmtp_spec_set_sampling(self.ptr(), params), "set sampling")
+
     def draft(self, limits: np.ndarray, p_min: float) -> None:
         self._limits[:] = limits
         with self._locked() as call:

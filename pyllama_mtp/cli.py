@@ -38,8 +38,9 @@ def _decode_plain(model: Model, args: argparse.Namespace, prompt_tokens: list, e
 
 def _decode_mtp(model: Model, args: argparse.Namespace, prompt_tokens: list, echo: bool) -> tuple:
     """MTP speculative decoding; returns (tokens, decode tokens/s, stats)."""
-    with SpeculativeDecoder.create(model, n_ctx=args.ctx_size, n_draft=args.draft,
-                                   n_threads=args.threads) as decoder:
+    with SpeculativeDecoder.create(model, n_ctx=args.ctx_size, n_draft=args.draft, n_threads=args.threads,
+                                   temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
+                                   min_p=args.min_p, seed=args.seed) as decoder:
         tokens, rate = _stream(model, decoder.generate(prompt_tokens, max_tokens=args.n_predict), echo)
         return tokens, rate, decoder.stats
 
@@ -65,9 +66,7 @@ def _stream(model: Model, token_iter, echo: bool) -> tuple:
 def cmd_generate(args: argparse.Namespace) -> int:
     with Model.load(args.model, progress=_progress_bar("loading"), load_mtp=not args.no_mtp) as model:
         prompt_tokens = model.tokenize(args.prompt)
-        use_mtp = model.mtp_loaded and not args.no_mtp and args.temp <= 0
-        if model.mtp_loaded and args.temp > 0 and not args.no_mtp:
-            print("[MTP drafting is greedy here: temperature > 0 decodes without it]", file=sys.stderr)
+        use_mtp = model.mtp_loaded and not args.no_mtp
         print(args.prompt, end="", flush=True)
         if use_mtp:
             _, rate, stats = _decode_mtp(model, args, prompt_tokens, echo=True)

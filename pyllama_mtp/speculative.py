@@ -151,8 +151,13 @@ class SpeculativeDecoder(Resource):
     @classmethod
     def create(cls, model, *, n_ctx: int = 2048, n_draft: int = 3, p_min: float = 0.0,
                n_seq_max: int = 1, n_batch: int = 512, n_threads: Optional[int] = None,
-               flash_attn: Optional[bool] = None) -> "SpeculativeDecoder":
-        """Make both contexts with the right settings and a decoder that owns them."""
+               flash_attn: Optional[bool] = None, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, min_p: float = 0.0, seed: int = 0,
+               exact_match: bool = False) -> "SpeculativeDecoder":
+        """Make both contexts with the right settings and a decoder that owns them.
+
+        Sampling arguments: see :meth:`set_sampling` (default: greedy).
+        """
         target = Context(model, n_ctx=n_ctx, n_batch=n_batch, n_seq_max=n_seq_max, n_threads=n_threads,
                          n_rs_seq=n_draft + 1 if (model.is_hybrid or model.is_recurrent) else 0,
                          flash_attn=flash_attn)
@@ -168,7 +173,37 @@ class SpeculativeDecoder(Resource):
             target.close()
             raise
         decoder._owned = [draft, target]
+        if temperature > 0:
+            try:
+                decoder.set_sampling(temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
+                                     exact_match=exact_match)
+            except BaseException:
+                decoder.close()
+                raise
         return decoder
+
+    def set_sampling(self, temperature: float = 0.0, *, top_k: int = 0, top_p: float = 1.0,
+                     min_p: float = 0.0, seed: int = 0, exact_match: bool = False) -> None:
+        """How :meth:`step` picks tokens; ``temperature=0`` is greedy (the default).
+
+        At ``temperature > 0`` the MTP head samples each draft token from its own
+        distribution q (same filters), and the target accepts it with probability
+        min(1, p/q), drawing from the residual max(0, p - q) on a rejection (speculative
+        sampling): the tokens have exactly the distribution of plain sampling with
+        ``Sampler(temperature, top_k=, top_p=, min_p=)``, and more drafts survive than
+        with ``exact_match=True``, which keeps a draft token only when the target's own
+        sample equals it. ``seed`` restarts the decoder's random stream.
+        """
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
+            raise InvalidArgumentError(f"temperature must be >= 0, got {temperature!r}")
+        if not isinstance(top_k, int) or top_k < 0:
+            raise InvalidArgumentError(f"top_k must be an int >= 0, got {top_k!r}")
+        if not 0.0 < top_p <= 1.0:
+            raise InvalidArgumentError(f"top_p must be in (0, 1], got {top_p!r}")
+        if not 0.0 <= min_p < 1.0:
+            raise InvalidArgumentError(f"min_p must be in [0, 1), got {min_p!r}")
+        self._native.set_sampling(float(temperature), top_k, float(top_p), float(min_p), int(seed),
+                                  bool(exact_match))
 
     # -- lifetime ---------------------------------------------------------------------
     def _release(self) -> None:

@@ -63,6 +63,15 @@ pmtp_spec * pmtp_spec_new(struct llama_context * tgt, struct llama_context * dft
                           int32_t n_seq, int32_t n_draft_max, int32_t * status);
 void    pmtp_spec_free(pmtp_spec * spec);
 void    pmtp_spec_set_draft_abort_state(pmtp_spec * spec, pmtp_abort_state * state);
+typedef struct pmtp_sampling_params {
+    float    temperature;
+    int32_t  top_k;
+    float    top_p;
+    float    min_p;
+    uint32_t seed;
+    int32_t  exact_match;
+} pmtp_sampling_params;
+int32_t pmtp_spec_set_sampling(pmtp_spec * spec, const pmtp_sampling_params * params);
 int32_t pmtp_spec_n_draft_max(const pmtp_spec * spec);
 int32_t pmtp_spec_prefill(pmtp_spec * spec, llama_seq_id seq, const llama_token * tokens, int32_t n);
 int32_t pmtp_spec_draft(pmtp_spec * spec, const int32_t * n_max, float p_min);

@@ -1,0 +1,169 @@
+"""Lossless speculative sampling at temperature > 0.
+
+The first tokens of thousands of seeded runs with MTP must follow the same distribution
+as plain sampling with llama.cpp's sampler chain. A two-sample chi-square test at
+significance 0.01 decides, and the test measures its own power by simulation against
+distributions 0.05 and 0.10 (total variation) away.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+
+import numpy as np
+import pytest
+
+from pyllama_mtp import InvalidArgumentError, Sampler, SpeculativeDecoder
+
+PROMPT = "Once upon a time"
+CTX = dict(n_threads=1, flash_attn=False)
+K = 2  # tokens per run: the joint distribution of the first two
+ALPHA = 0.01  # significance of the test
+
+
+def plain_runs(model, n_runs, temperature, seed, **filters):
+    counts = collections.Counter()
+    prompt = model.tokenize(PROMPT)
+    with model.context(n_ctx=64, **CTX) as ctx, Sampler(temperature, seed=seed, **filters) as sampler:
+        for _ in range(n_runs):
+            ctx.seq_rm(0)
+            counts[tuple(ctx.generate(prompt, max_tokens=K, sampler=sampler, stop_at_eog=False))] += 1
+    return counts
+
+
+def speculative_runs(model, n_runs, temperature, seed, exact_match=False, **filters):
+    counts = collections.Counter()
+    prompt = model.tokenize(PROMPT)
+    with SpeculativeDecoder.create(model, n_ctx=64, n_draft=3, temperature=temperature, seed=seed,
+                                   exact_match=exact_match, **filters, **CTX) as decoder:
+        for _ in range(n_runs):
+            decoder.reset()
+            decoder.prefill(prompt)
+            produced = []
+            while len(produced) < K:
+                produced += decoder.step()[0]
+            counts[tuple(produced[:K])] += 1
+        return counts, decoder.stats
+
+
+def chi_square(a: dict, b: dict, min_expected: float = 5.0) -> tuple[float, int]:
+    """Two-sample chi-square statistic and degrees of freedom; categories whose expected
+    count is under min_expected in either sample are pooled into one."""
+    n_a, n_b = sum(a.values()), sum(b.values())
+    rows, rare = [], [0, 0]
+    for key in set(a) | set(b):
+        o_a, o_b = a.get(key, 0), b.get(key, 0)
+        total = o_a + o_b
+        if min(total * n_a, total * n_b) / (n_a + n_b) < min_expected:
+            rare[0] += o_a
+            rare[1] += o_b
+        else:
+            rows.append((o_a, o_b))
+    if sum(rare):
+        rows.append(tuple(rare))
+    stat = 0.0
+    for o_a, o_b in rows:
+        total = o_a + o_b
+        e_a, e_b = total * n_a / (n_a + n_b), total * n_b / (n_a + n_b)
+        stat += (o_a - e_a) ** 2 / e_a + (o_b - e_b) ** 2 / e_b
+    return stat, max(1, len(rows) - 1)
+
+
+def p_value(stat: float, dof: int) -> float:
+    """Upper tail of chi-square(dof) (Wilson-Hilferty normal approximation)."""
+    z = ((stat / dof) ** (1 / 3) - (1 - 2 / (9 * dof))) / math.sqrt(2 / (9 * dof))
+    return 0.5 * math.erfc(z / math.sqrt(2))
+
+
+def power(reference: dict, n: int, shift: float = 0.05, trials: int = 200) -> float:
+    """How often the test rejects when the second sample comes from a distribution at
+    total variation ``shift`` from the first: that much mass moved from the most likely
+    outcome to the others, in proportion."""
+    keys = list(reference)
+    p = np.array([reference[k] for k in keys], dtype=float)
+    p /= p.sum()
+    top = int(np.argmax(p))
+    q = p * (1 + shift / (1 - p[top]))
+    q[top] = p[top] - shift
+    rng = np.random.default_rng(0)
+    rejected = 0
+    for _ in range(trials):
+        a = dict(zip(keys, rng.multinomial(n, p)))
+        b = dict(zip(keys, rng.multinomial(n, q)))
+        rejected += p_value(*chi_square(a, b)) < ALPHA
+    return rejected / trials
+
+
+# The fixtures' logits span ~2.5, so low temperatures give distributions like a real
+# model's (top token 0.2-0.8, a handful above 1%); at T=1 they are nearly uniform.
+@pytest.mark.parametrize("arch, temperature, filters", [
+    ("qwen35", 0.12, {}),
+    ("glm4moe", 0.3, {"top_k": 40, "top_p": 0.95, "min_p": 0.3}),
+])
+def test_speculative_sampling_has_the_distribution_of_plain_sampling(model_path, arch, temperature, filters,
+                                                                     backend_name):
+    from pyllama_mtp import Model
+
+    if backend_name != "cpu":
+        pytest.skip(f"backend {backend_name}: 9,000 sampled runs take too long here; the acceptance "
+                    "rule is backend-independent C code, tested on the CPU run")
+
+    n = 4000
+    with Model.load(model_path(arch)) as model:
+        plain = plain_runs(model, n, temperature, seed=1, **filters)
+        mtp, _ = speculative_runs(model, n, temperature, seed=2, **filters)
+        exact, _ = speculative_runs(model, n // 4, temperature, seed=3, exact_match=True, **filters)
+        accepted = acceptance(model, temperature, filters, exact_match=False)
+        accepted_exact = acceptance(model, temperature, filters, exact_match=True)
+    stat, dof = chi_square(plain, mtp)
+    p = p_value(stat, dof)
+    power_05, power_10 = power(plain, n, shift=0.05), power(plain, n, shift=0.10)
+    print(f"{arch} T={temperature} {filters}: {len(plain)} outcomes, chi2 {stat:.1f} on {dof} dof, "
+          f"p = {p:.3f} (alpha {ALPHA}); power against a total-variation shift of 0.05: "
+          f"{power_05:.2f}, of 0.10: {power_10:.2f}; acceptance {accepted:.1%}, "
+          f"exact match {accepted_exact:.1%}")
+    assert dof >= 5, "too few outcomes for a meaningful test"
+    assert power_10 >= 0.9, power_10
+    assert p > ALPHA, (stat, dof, p)
+    exact_stat, exact_dof = chi_square(plain, exact)
+    assert p_value(exact_stat, exact_dof) > ALPHA
+    # Drafts are accepted (the fixtures' MTP heads are near-deterministic at these
+    # temperatures, so sampled drafts accept about as often as exact matches here).
+    assert accepted > 0.3 and accepted_exact > 0.3
+
+
+def acceptance(model, temperature, filters, exact_match, runs=20, steps=50):
+    """Draft acceptance over longer generations (several prompts' worth of steps)."""
+    with SpeculativeDecoder.create(model, n_ctx=512, n_draft=3, temperature=temperature, seed=4,
+                                   exact_match=exact_match, **filters, **CTX) as decoder:
+        for _ in range(runs):
+            decoder.reset()
+            decoder.prefill(PROMPT)
+            for _ in range(steps):
+                decoder.step()
+        return decoder.stats.acceptance
+
+
+def test_sampling_arguments_are_checked(model_path):
+    from pyllama_mtp import Model
+
+    with Model.load(model_path("qwen35")) as model, \
+            SpeculativeDecoder.create(model, n_ctx=64, **CTX) as decoder:
+        for bad in (dict(temperature=-1), dict(temperature=1, top_p=0), dict(temperature=1, min_p=1),
+                    dict(temperature=1, top_k=-1)):
+            temperature = bad.pop("temperature")
+            with pytest.raises(InvalidArgumentError):
+                decoder.set_sampling(temperature, **bad)
+        # Same seed, same tokens; back to greedy with temperature 0.
+        outputs = []
+        for _ in range(2):
+            decoder.set_sampling(1.0, seed=7)
+            decoder.reset()
+            outputs.append(list(decoder.generate(PROMPT, max_tokens=30, stop_at_eog=False)))
+        assert outputs[0] == outputs[1]
+        decoder.set_sampling(0.0)
+        decoder.reset()
+        greedy = list(decoder.generate(PROMPT, max_tokens=30, stop_at_eog=False))
+        with model.context(n_ctx=64, **CTX) as ctx:
+            assert greedy == list(ctx.generate(PROMPT, max_tokens=30, stop_at_eog=False))
