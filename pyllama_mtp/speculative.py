@@ -17,6 +17,7 @@ import numpy as np
 
 from . import _lowlevel
 from ._resource import Resource
+from .adaptive import AdaptiveDraft
 from .context import Context, time_limit
 from .errors import ContextFullError, InvalidArgumentError
 
@@ -117,11 +118,15 @@ class SpeculativeDecoder(Resource):
             must keep ``n_rs_seq >= n_draft + 1`` recurrent snapshots so rejected drafts
             can be rolled back; :meth:`create` sets this up.
         draft: ``model.mtp_context(target)``.
-        n_draft: tokens drafted per step (1..16).
+        n_draft: tokens drafted per step (1..16); with ``adaptive`` the most it drafts.
         p_min: stop drafting when the MTP head's top probability falls under this.
+        adaptive: choose the draft length each step from the recent acceptance per
+            position and the measured cost of verify batches and drafts
+            (:mod:`pyllama_mtp.adaptive`).
     """
 
-    def __init__(self, target: Context, draft: Context, *, n_draft: int = 3, p_min: float = 0.0) -> None:
+    def __init__(self, target: Context, draft: Context, *, n_draft: int = 3, p_min: float = 0.0,
+                 adaptive: bool = False) -> None:
         if not draft.is_mtp:
             raise InvalidArgumentError("draft must be an MTP context: use model.mtp_context(target)")
         if draft.model is not target.model:
@@ -144,6 +149,7 @@ class SpeculativeDecoder(Resource):
         self._native = _lowlevel.NativeSpeculative(target._native, draft._native, target.n_seq_max, n_draft)
         self.n_draft = min(n_draft, self._native.n_draft_max)
         self.p_min = float(p_min)
+        self.adaptive = AdaptiveDraft(self.n_draft, self.n_draft) if adaptive else None
         self._wall_s = 0.0
         self._owned: list[Context] = []
         self._mark_open()
@@ -153,7 +159,7 @@ class SpeculativeDecoder(Resource):
                n_seq_max: int = 1, n_batch: int = 512, n_threads: Optional[int] = None,
                flash_attn: Optional[bool] = None, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, min_p: float = 0.0, seed: int = 0,
-               exact_match: bool = False) -> "SpeculativeDecoder":
+               exact_match: bool = False, adaptive: bool = False) -> "SpeculativeDecoder":
         """Make both contexts with the right settings and a decoder that owns them.
 
         Sampling arguments: see :meth:`set_sampling` (default: greedy).
@@ -167,7 +173,7 @@ class SpeculativeDecoder(Resource):
             target.close()
             raise
         try:
-            decoder = cls(target, draft, n_draft=n_draft, p_min=p_min)
+            decoder = cls(target, draft, n_draft=n_draft, p_min=p_min, adaptive=adaptive)
         except BaseException:
             draft.close()
             target.close()
@@ -257,15 +263,23 @@ class SpeculativeDecoder(Resource):
         Each list holds the accepted draft tokens and the target's next token (at least
         one token per active sequence).
         """
-        n_draft = self.n_draft if n_draft is None else n_draft
+        policy = self.adaptive if n_draft is None else None
+        n_draft = (policy.n if policy else self.n_draft) if n_draft is None else n_draft
         if not isinstance(n_draft, int) or not 0 <= n_draft <= self._native.n_draft_max:
             raise InvalidArgumentError(f"n_draft must be in [0, {self._native.n_draft_max}]")
+        before = self._native.stats() if policy else None
         start = time.perf_counter()
         try:
             tokens, counts = self._native.step(n_draft, self.p_min)
-            return [tokens[seq, :counts[seq]].tolist() for seq in range(self.n_seq)]
+            produced = [tokens[seq, :counts[seq]].tolist() for seq in range(self.n_seq)]
         finally:
             self._wall_s += time.perf_counter() - start
+        if policy and before is not None:
+            after = self._native.stats()
+            policy.observe(after["n_drafted"] - before["n_drafted"], after["n_accepted"] - before["n_accepted"],
+                           (after["t_target_us"] - before["t_target_us"]) / 1e6,
+                           (after["t_draft_us"] - before["t_draft_us"]) / 1e6)
+        return produced
 
     def generate(self, prompt: Union[str, Iterable[int]], *, max_tokens: int = 128, seq_id: int = 0,
                  stop_at_eog: bool = True, timeout: Optional[float] = None) -> Iterator[int]:

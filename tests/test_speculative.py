@@ -262,3 +262,18 @@ def test_draft_context_shares_the_weights(model_path, backend_name):
         assert report.recurrent_snapshots > 0
         assert report.draft_context == draft_own
         assert "MTP costs" in str(report)
+
+
+def test_adaptive_drafting_is_lossless_and_drafts_less_when_the_head_is_wrong(model_path):
+    per_step, recent = {}, {}
+    for acceptance in (0.95, 0.3):
+        with Model.load(model_path("qwen35", acceptance=acceptance)) as model:
+            expected = plain_greedy(model, PROMPTS[0], 300)
+            with SpeculativeDecoder.create(model, n_ctx=1024, n_draft=6, adaptive=True, **CTX) as decoder:
+                produced = list(decoder.generate(PROMPTS[0], max_tokens=300, stop_at_eog=False))
+                stats = decoder.stats
+                assert produced == expected
+                recent[acceptance] = decoder.adaptive.accept[0]  # running estimate, ~10 steps
+                per_step[acceptance] = stats.drafted / stats.steps
+    assert recent[0.3] < recent[0.95], recent
+    assert per_step[0.3] < per_step[0.95], per_step
