@@ -13,6 +13,7 @@ import statistics
 import time
 
 from pyllama_mtp import Model, SpeculativeDecoder, fixtures
+from pyllama_mtp.lookup import LookupStats, generate_with_lookup
 
 PROMPT = "The quick brown fox"
 POLICIES = {
@@ -62,6 +63,35 @@ def main() -> None:
                 print(f"| {label} | {name} | {median[name]:.1f} | {median[name] / median['fixed n_draft=3']:.2f} "
                       f"| {median[name] / median['plain']:.2f} | {accepted:.1%} | {length:.2f} |")
             print(f"| {label} | plain | {median['plain']:.1f} | | 1.00 | | |")
+
+    # A repetitive prompt: n-gram lookup drafts (MTP when there is none) against MTP alone.
+    path = fixtures.make_model("qwen35", n_embd=1024, n_layer=8, acceptance=0.75)
+    with Model.load(path) as model:
+        prompt = model.tokenize("def add(a, b):\n    return a + b\n\n" * 8 + "def add(a, b):\n")
+        rates = {"plain": [], "fixed n_draft=3": [], "lookup + MTP": []}
+        for _ in range(args.repeats):
+            with model.context(n_ctx=2048, n_threads=args.threads) as ctx:
+                start = time.perf_counter()
+                produced = list(ctx.generate(prompt, max_tokens=args.tokens, stop_at_eog=False))
+                rates["plain"].append(len(produced) / (time.perf_counter() - start))
+            with SpeculativeDecoder.create(model, n_ctx=2048, n_draft=3, n_threads=args.threads) as decoder:
+                start = time.perf_counter()
+                produced = list(decoder.generate(prompt, max_tokens=args.tokens, stop_at_eog=False))
+                rates["fixed n_draft=3"].append(len(produced) / (time.perf_counter() - start))
+                fixed_acceptance = decoder.stats.acceptance
+            stats = LookupStats()
+            with SpeculativeDecoder.create(model, n_ctx=2048, n_draft=8, n_threads=args.threads) as decoder:
+                start = time.perf_counter()
+                produced = list(generate_with_lookup(decoder, prompt, max_tokens=args.tokens, stats=stats))
+                rates["lookup + MTP"].append(len(produced) / (time.perf_counter() - start))
+        median = {name: statistics.median(values) for name, values in rates.items()}
+        print(f"| repetitive prompt (0.75) | fixed n_draft=3 | {median['fixed n_draft=3']:.1f} | 1.00 "
+              f"| {median['fixed n_draft=3'] / median['plain']:.2f} | {fixed_acceptance:.1%} | |")
+        print(f"| repetitive prompt (0.75) | lookup + MTP | {median['lookup + MTP']:.1f} "
+              f"| {median['lookup + MTP'] / median['fixed n_draft=3']:.2f} "
+              f"| {median['lookup + MTP'] / median['plain']:.2f} | lookup {stats.acceptance('lookup'):.1%} "
+              f"({stats.steps['lookup']} steps), MTP {stats.acceptance('mtp'):.1%} ({stats.steps['mtp']} steps) | |")
+        print(f"| repetitive prompt (0.75) | plain | {median['plain']:.1f} | | 1.00 | | |")
 
 
 if __name__ == "__main__":
