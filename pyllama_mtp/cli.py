@@ -130,6 +130,25 @@ def cmd_graft(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Plain decoding against MTP at each n_draft on one model, same prompt, greedy."""
+    args.temp, args.top_k, args.top_p, args.min_p = 0.0, 0, 1.0, 0.0
+    with Model.load(args.model, progress=_progress_bar("loading")) as model:
+        prompt_tokens = model.tokenize(args.prompt)
+        _, plain_rate = _decode_plain(model, args, prompt_tokens, echo=False)
+        print(f"plain: {plain_rate:.1f} tokens/s")
+        if not model.mtp_loaded:
+            print("no MTP layers: nothing more to compare")
+            return 0
+        for n_draft in args.drafts:
+            args.draft = n_draft
+            _, rate, stats = _decode_mtp(model, args, prompt_tokens, echo=False)
+            ratio = rate / plain_rate if plain_rate else 0.0
+            print(f"MTP n_draft={n_draft}: {rate:.1f} tokens/s ({ratio:.2f}x plain), acceptance "
+                  f"{stats.acceptance:.1%}, mean accepted length {stats.mean_accepted_length:.2f}")
+    return 0
+
+
 def cmd_quantize(args: argparse.Namespace) -> int:
     quantize(args.model, args.output, args.type, n_threads=args.threads)
     print(gguf_tools.inspect(args.output))
@@ -191,6 +210,17 @@ def build_parser() -> argparse.ArgumentParser:
     graft.add_argument("--into", required=True, help="GGUF of the same model without MTP layers")
     graft.add_argument("-o", "--output", required=True, help="output GGUF")
     graft.set_defaults(func=cmd_graft)
+
+    bench = commands.add_parser("bench", help="plain vs MTP tokens/s at several draft lengths "
+                                              "(benchmarks/mtp_bench.py has the full benchmark)")
+    bench.add_argument("-m", "--model", required=True, help="GGUF file")
+    bench.add_argument("-p", "--prompt", default="The quick brown fox", help="text to continue")
+    bench.add_argument("-n", "--n-predict", type=int, default=128, help="tokens per run (default 128)")
+    bench.add_argument("-c", "--ctx-size", type=int, default=2048, help="context size (default 2048)")
+    bench.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all)")
+    bench.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    bench.add_argument("--drafts", type=int, nargs="+", default=[1, 2, 3, 4], help="n_draft values (default 1 2 3 4)")
+    bench.set_defaults(func=cmd_bench)
 
     quant = commands.add_parser("quantize", help="quantize a GGUF with llama.cpp (MTP layers included)")
     quant.add_argument("model", help="GGUF file")

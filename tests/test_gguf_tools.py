@@ -108,3 +108,6 @@ def test_command_line_tools(model_path, tmp_path):
                   "-o", tmp_path / "x.gguf")
     assert refused.returncode == 2 and "architecture" in refused.stderr
     assert "Traceback" not in refused.stderr
+    bench = run("bench", "-m", original, "-n", "32", "-t", "1", "--drafts", "1", "3")
+    assert bench.returncode == 0, bench.stderr
+    assert "plain:" in bench.stdout and "MTP n_draft=3:" in bench.stdout and "acceptance" in bench.stdout
