@@ -736,6 +736,7 @@ class NativeSpeculative(_NativeHandle):
         self.target = target
         self.draft_context = draft
         lib.pmtp_spec_set_draft_abort_state(ptr, draft.abort_state)
+        self._stats_buffer = ffi.new("pmtp_spec_stats *")
         self.n_seq = n_seq
         self.n_draft_max = int(lib.pmtp_spec_n_draft_max(ptr))
         self._out_tokens = np.zeros((n_seq, self.n_draft_max + 1), dtype=np.int32)
@@ -843,6 +844,14 @@ class NativeSpeculative(_NativeHandle):
             "t_target_us": int(raw.t_target_us),
             "t_draft_us": int(raw.t_draft_us),
         }
+
+    def counters(self) -> tuple[int, int, int, int]:
+        """(drafted, accepted, target µs, draft µs) so far: the cheap subset of stats()
+        that the adaptive policy reads around every step."""
+        raw = self._stats_buffer
+        with self.lock:
+            lib.pmtp_spec_get_stats(self.ptr(), raw)
+        return int(raw.n_drafted), int(raw.n_accepted), int(raw.t_target_us), int(raw.t_draft_us)
 
     def reset_stats(self) -> None:
         with self.lock:

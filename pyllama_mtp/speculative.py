@@ -267,18 +267,17 @@ class SpeculativeDecoder(Resource):
         n_draft = (policy.n if policy else self.n_draft) if n_draft is None else n_draft
         if not isinstance(n_draft, int) or not 0 <= n_draft <= self._native.n_draft_max:
             raise InvalidArgumentError(f"n_draft must be in [0, {self._native.n_draft_max}]")
-        before = self._native.stats() if policy else None
+        before = self._native.counters() if policy else None
         start = time.perf_counter()
         try:
             tokens, counts = self._native.step(n_draft, self.p_min)
             produced = [tokens[seq, :counts[seq]].tolist() for seq in range(self.n_seq)]
         finally:
             self._wall_s += time.perf_counter() - start
-        if policy and before is not None:
-            after = self._native.stats()
-            policy.observe(after["n_drafted"] - before["n_drafted"], after["n_accepted"] - before["n_accepted"],
-                           (after["t_target_us"] - before["t_target_us"]) / 1e6,
-                           (after["t_draft_us"] - before["t_draft_us"]) / 1e6)
+        if policy:
+            drafted, accepted, target_us, draft_us = (
+                now - then for now, then in zip(self._native.counters(), before))
+            policy.observe(drafted, accepted, target_us / 1e6, draft_us / 1e6)
         return produced
 
     def generate(self, prompt: Union[str, Iterable[int]], *, max_tokens: int = 128, seq_id: int = 0,

@@ -60,10 +60,11 @@ def test_strip_extract_graft_round_trip(model_path, arch, tmp_path):
     result = gguf_tools.graft(donor, stripped, grafted)
     assert result.n_mtp_layers == 1
     # Every tensor is back, byte for byte, and the model runs MTP exactly as before.
-    assert tensors(grafted).keys() == tensors(original).keys()
-    for name, (kind, data) in tensors(original).items():
-        assert tensors(grafted)[name][0] == kind
-        assert np.array_equal(tensors(grafted)[name][1], data), name
+    got, want = tensors(grafted), tensors(original)
+    assert got.keys() == want.keys()
+    for name, (kind, data) in want.items():
+        assert got[name][0] == kind
+        assert np.array_equal(got[name][1], data), name
     tokens, stats = greedy_with_mtp(grafted)
     want_tokens, want_stats = greedy_with_mtp(original)
     assert tokens == want_tokens
