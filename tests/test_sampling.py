@@ -95,14 +95,19 @@ def power(reference: dict, n: int, shift: float = 0.05, trials: int = 200) -> fl
     return rejected / trials
 
 
-# The fixtures' logits span ~2.5, so low temperatures give distributions like a real
-# model's (top token 0.2-0.8, a handful above 1%); at T=1 they are nearly uniform.
-@pytest.mark.parametrize("arch, temperature, filters", [
-    ("qwen35", 0.12, {}),
-    ("glm4moe", 0.3, {"top_k": 40, "top_p": 0.95, "min_p": 0.3}),
+# The default fixtures' logits span ~2.5, so low temperatures give distributions like a
+# real model's (top token 0.2-0.8, a handful above 1%); at T=1 they are nearly uniform.
+# There the MTP head is sure of one token (q nearly one-hot), so sampled drafts accept
+# about as often as exact matches. The eps 0.5 fixture follows its successor rule almost
+# everywhere: at T=1 target and head spread their mass alike over hundreds of tokens,
+# which is where sampled drafts must accept clearly more often.
+@pytest.mark.parametrize("arch, fixture, temperature, filters", [
+    ("qwen35", {}, 0.12, {}),
+    ("glm4moe", {}, 0.3, {"top_k": 40, "top_p": 0.95, "min_p": 0.3}),
+    ("qwen35", {"eps": 0.5}, 1.0, {}),
 ])
-def test_speculative_sampling_has_the_distribution_of_plain_sampling(model_path, arch, temperature, filters,
-                                                                     backend_name):
+def test_speculative_sampling_has_the_distribution_of_plain_sampling(model_path, arch, fixture, temperature,
+                                                                     filters, backend_name):
     from pyllama_mtp import Model
 
     if backend_name != "cpu":
@@ -110,7 +115,7 @@ def test_speculative_sampling_has_the_distribution_of_plain_sampling(model_path,
                     "rule is backend-independent C code, tested on the CPU run")
 
     n = 4000
-    with Model.load(model_path(arch)) as model:
+    with Model.load(model_path(arch, **fixture)) as model:
         plain = plain_runs(model, n, temperature, seed=1, **filters)
         mtp, _ = speculative_runs(model, n, temperature, seed=2, **filters)
         exact, _ = speculative_runs(model, n // 4, temperature, seed=3, exact_match=True, **filters)
@@ -119,7 +124,7 @@ def test_speculative_sampling_has_the_distribution_of_plain_sampling(model_path,
     stat, dof = chi_square(plain, mtp)
     p = p_value(stat, dof)
     power_05, power_10 = power(plain, n, shift=0.05), power(plain, n, shift=0.10)
-    print(f"{arch} T={temperature} {filters}: {len(plain)} outcomes, chi2 {stat:.1f} on {dof} dof, "
+    print(f"{arch} {fixture} T={temperature} {filters}: {len(plain)} outcomes, chi2 {stat:.1f} on {dof} dof, "
           f"p = {p:.3f} (alpha {ALPHA}); power against a total-variation shift of 0.05: "
           f"{power_05:.2f}, of 0.10: {power_10:.2f}; acceptance {accepted:.1%}, "
           f"exact match {accepted_exact:.1%}")
@@ -128,9 +133,24 @@ def test_speculative_sampling_has_the_distribution_of_plain_sampling(model_path,
     assert p > ALPHA, (stat, dof, p)
     exact_stat, exact_dof = chi_square(plain, exact)
     assert p_value(exact_stat, exact_dof) > ALPHA
-    # Drafts are accepted (the fixtures' MTP heads are near-deterministic at these
-    # temperatures, so sampled drafts accept about as often as exact matches here).
     assert accepted > 0.3 and accepted_exact > 0.3
+    if fixture:  # target and head both spread: p/q acceptance beats matching a sample
+        assert accepted > accepted_exact + 0.1, (accepted, accepted_exact)
+
+
+@pytest.mark.parametrize("arch", ["qwen35", "glm4moe"])
+def test_sampled_drafts_accept_more_often_than_exact_matches(model_path, arch):
+    """At a temperature where the target's distribution is wide, accepting a draft with
+    probability min(1, p/q) keeps most drafts, while requiring the target's own sample
+    to equal the draft keeps few. Same fixture (eps 0.5), temperature and seeds."""
+    from pyllama_mtp import Model
+
+    with Model.load(model_path(arch, eps=0.5)) as model:
+        accepted = acceptance(model, 1.5, {}, exact_match=False, runs=8, steps=40)
+        accepted_exact = acceptance(model, 1.5, {}, exact_match=True, runs=8, steps=40)
+    print(f"{arch} eps 0.5 T=1.5: acceptance {accepted:.1%}, exact match {accepted_exact:.1%}")
+    assert accepted > 0.4, accepted
+    assert accepted > 3 * accepted_exact, (accepted, accepted_exact)
 
 
 def acceptance(model, temperature, filters, exact_match, runs=20, steps=50):
