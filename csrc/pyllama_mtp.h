@@ -147,6 +147,9 @@ typedef struct pmtp_spec_stats {
     int64_t accepted_at[PMTP_MAX_DRAFT]; /* accepted drafts at draft position i */
     int64_t t_target_us;                 /* time in target decodes */
     int64_t t_draft_us;                  /* time in draft decodes and hidden-row hand-over */
+    int64_t n_lookup_steps;              /* steps whose draft came from n-gram lookup */
+    int64_t n_lookup_drafted;            /* ... their draft tokens */
+    int64_t n_lookup_accepted;           /* ... of which accepted */
 } pmtp_spec_stats;
 
 /* Create a driver; *status receives PMTP_OK, PMTP_ERR_NO_MTP or PMTP_ERR_ARGUMENT. */
@@ -174,6 +177,17 @@ typedef struct pmtp_sampling_params {
     int32_t  exact_match;
 } pmtp_sampling_params;
 PMTP_API int32_t pmtp_spec_set_sampling(pmtp_spec * spec, const pmtp_sampling_params * params);
+/* n-gram lookup drafts in pmtp_spec_step. ngram > 0: when the sequence's last ngram
+ * tokens occurred earlier in it and at least min_tokens tokens followed there, those
+ * tokens (up to max_tokens; 0 = n_draft_max) are the step's draft instead of the MTP
+ * head's. They are verified like any draft (point-mass q when sampling): lossless.
+ * ngram 0 turns lookup off (the default). */
+typedef struct pmtp_lookup_params {
+    int32_t ngram;
+    int32_t min_tokens;
+    int32_t max_tokens;
+} pmtp_lookup_params;
+PMTP_API int32_t pmtp_spec_set_lookup(pmtp_spec * spec, const pmtp_lookup_params * params);
 /* n_draft_max after limits of the model (chained heads cap it at their count). */
 PMTP_API int32_t     pmtp_spec_n_draft_max(const pmtp_spec * spec);
 
@@ -182,7 +196,8 @@ PMTP_API int32_t     pmtp_spec_n_draft_max(const pmtp_spec * spec);
  * where its recurrent state cannot be cut back that far. */
 PMTP_API int32_t pmtp_spec_prefill(pmtp_spec * spec, llama_seq_id seq, const llama_token * tokens, int32_t n);
 
-/* Draft up to n_max[seq] tokens for every active sequence (greedy MTP; stop under p_min). */
+/* Draft up to n_max[seq] tokens for every active sequence (greedy MTP; stop under p_min);
+ * a negative n_max[seq] keeps that sequence's current draft. */
 PMTP_API int32_t pmtp_spec_draft(pmtp_spec * spec, const int32_t * n_max, float p_min);
 /* Replace a sequence's draft with tokens of the caller's choosing (n-gram, another model). */
 PMTP_API int32_t pmtp_spec_set_draft(pmtp_spec * spec, llama_seq_id seq, const llama_token * tokens, int32_t n);

@@ -89,6 +89,8 @@ struct pmtp_seq {
     std::vector<llama_token> verify_choice;  // target argmax at each verify row
     int32_t verify_rows = 0;
     int32_t verify_beg = -1;         // batch index of id_last in the last verify batch
+    std::vector<llama_token> history;  // every token of the sequence, id_last included
+    bool draft_from_lookup = false;    // the current draft came from n-gram lookup
 };
 
 struct pmtp_spec {
@@ -106,6 +108,7 @@ struct pmtp_spec {
     pmtp_spec_stats stats = {};
     pmtp_abort_state * dft_abort = nullptr;  // see pmtp_spec_set_draft_abort_state
     pmtp_sampling_params sampling = {};        // temperature 0: greedy
+    pmtp_lookup_params lookup = {};            // ngram 0: MTP drafts only
     std::mt19937_64 rng;
     std::vector<float> probs, residual;        // scratch, n_vocab each
     std::vector<int32_t> order;
@@ -380,6 +383,7 @@ int32_t pmtp_spec_prefill(pmtp_spec * s, llama_seq_id seq, const llama_token * t
         }
         q.id_last = tokens[n - 1];
         q.active = true;
+        q.history.insert(q.history.end(), tokens, tokens + n);
         q.draft.clear();
         q.draft_p.clear();
         q.draft_q.clear();
@@ -405,10 +409,14 @@ int32_t pmtp_spec_draft(pmtp_spec * s, const int32_t * n_max, float p_min) {
         int n_drafting = 0;
         for (llama_seq_id seq = 0; seq < s->n_seq; seq++) {
             pmtp_seq & q = s->seqs[seq];
+            limit[seq] = q.active ? std::min(n_max[seq], s->n_draft_max) : 0;
+            if (limit[seq] < 0) {
+                continue;  // negative: keep the draft the caller set (pmtp_spec_step's lookups)
+            }
             q.draft.clear();
             q.draft_p.clear();
             q.draft_q.clear();
-            limit[seq] = q.active ? std::min(n_max[seq], s->n_draft_max) : 0;
+            q.draft_from_lookup = false;
             if (limit[seq] <= 0) {
                 continue;
             }
@@ -515,7 +523,8 @@ int32_t pmtp_spec_draft(pmtp_spec * s, const int32_t * n_max, float p_min) {
                 q.draft.clear();
                 q.draft_p.clear();
                 q.draft_q.clear();
-            } else {
+                q.draft_from_lookup = false;
+            } else if (limit[seq] >= 0) {  // lookup drafts are counted by pmtp_spec_step
                 s->stats.n_drafted += (int64_t) q.draft.size();
             }
         }
@@ -532,6 +541,7 @@ int32_t pmtp_spec_set_draft(pmtp_spec * s, llama_seq_id seq, const llama_token *
     q.draft.assign(tokens, tokens + n);
     q.draft_p.assign(n, 1.0f);
     q.draft_q.clear();  // a given draft is certain: q is a point mass
+    q.draft_from_lookup = false;
     return PMTP_OK;
 }
 
@@ -646,6 +656,11 @@ int32_t pmtp_spec_accept(pmtp_spec * s, llama_seq_id seq, int32_t n_accepted, ll
             }
         }
         s->stats.n_accepted += n_accepted;
+        if (q.draft_from_lookup) {
+            s->stats.n_lookup_steps++;
+            s->stats.n_lookup_drafted += n_drafted;
+            s->stats.n_lookup_accepted += n_accepted;
+        }
         s->stats.n_steps++;
         s->stats.n_generated += n_accepted + 1;
         // Keep id_last and the accepted drafts; everything past them goes, from both contexts.
@@ -654,9 +669,12 @@ int32_t pmtp_spec_accept(pmtp_spec * s, llama_seq_id seq, int32_t n_accepted, ll
         std::memcpy(q.pending_h.data(), q.verify_h.data() + (size_t) n_accepted * s->n_embd,
                     sizeof(float) * s->n_embd);
         q.id_last = next;
+        q.history.insert(q.history.end(), q.draft.begin(), q.draft.begin() + n_accepted);
+        q.history.push_back(next);
         q.draft.clear();
         q.draft_p.clear();
         q.draft_q.clear();
+        q.draft_from_lookup = false;
         q.verify_rows = 0;
         return rolled;
     });
@@ -707,9 +725,38 @@ llama_token sampled_acceptance(pmtp_spec * s, const pmtp_seq & q, int32_t & k) {
     return pmtp::sample_index(s->probs, s->rng);
 }
 
+// The tokens that followed the most recent earlier occurrence of the sequence's last
+// `ngram` tokens, at most max_tokens of them (empty when the n-gram never occurred).
+void lookup_draft(const std::vector<llama_token> & history, int32_t ngram, int32_t max_tokens,
+                  std::vector<llama_token> & out) {
+    out.clear();
+    const int64_t n = (int64_t) history.size();
+    if (ngram <= 0 || max_tokens <= 0 || n <= ngram) {
+        return;
+    }
+    const llama_token * key = history.data() + (n - ngram);
+    for (int64_t start = n - ngram - 1; start >= 0; start--) {
+        if (std::equal(key, key + ngram, history.data() + start)) {
+            const int64_t from = start + ngram;
+            const int64_t to = std::min(n, from + (int64_t) max_tokens);
+            out.assign(history.begin() + from, history.begin() + to);
+            return;
+        }
+    }
+}
+
 }  // namespace
 
 extern "C" {
+
+int32_t pmtp_spec_set_lookup(pmtp_spec * s, const pmtp_lookup_params * params) {
+    if (s == nullptr || params == nullptr || params->ngram < 0 || params->ngram > 64 ||
+        params->min_tokens < 1 || params->max_tokens < 0) {
+        return PMTP_ERR_ARGUMENT;
+    }
+    s->lookup = *params;
+    return PMTP_OK;
+}
 
 int32_t pmtp_spec_set_sampling(pmtp_spec * s, const pmtp_sampling_params * params) {
     if (s == nullptr || params == nullptr || !std::isfinite(params->temperature) || params->top_k < 0 ||
@@ -734,7 +781,33 @@ int32_t pmtp_spec_step(pmtp_spec * s, int32_t n_draft, float p_min, llama_token 
         // Never draft past the end of the context: the verify batch must fit.
         limits[seq] = std::max(0, std::min(limits[seq], n_ctx - 1 - s->seqs[seq].n_past));
     }
-    int32_t st = n_draft > 0 ? pmtp_spec_draft(s, limits.data(), p_min) : PMTP_OK;
+    // n-gram lookup first: a sequence whose last n-gram occurred before, followed by at
+    // least min_tokens tokens, takes those as its draft (up to max_tokens, the context
+    // permitting) and skips MTP drafting this step; the others draft with the MTP head.
+    int32_t n_lookups = 0;
+    if (s->lookup.ngram > 0) {
+        std::vector<llama_token> found;
+        for (llama_seq_id seq = 0; seq < s->n_seq; seq++) {
+            pmtp_seq & q = s->seqs[seq];
+            const int32_t room = n_ctx - 1 - q.n_past;
+            const int32_t longest = std::min({s->lookup.max_tokens > 0 ? s->lookup.max_tokens : s->n_draft_max,
+                                              s->n_draft_max, room});
+            if (!q.active || longest < s->lookup.min_tokens) {
+                continue;
+            }
+            lookup_draft(q.history, s->lookup.ngram, longest, found);
+            if ((int32_t) found.size() >= s->lookup.min_tokens) {
+                q.draft = found;
+                q.draft_p.assign(found.size(), 1.0f);
+                q.draft_q.clear();  // a point mass: min(1, p/q) = p(x), still lossless
+                q.draft_from_lookup = true;
+                s->stats.n_drafted += (int64_t) found.size();
+                limits[seq] = -1;
+                n_lookups++;
+            }
+        }
+    }
+    int32_t st = n_draft > 0 && n_lookups < s->n_seq ? pmtp_spec_draft(s, limits.data(), p_min) : PMTP_OK;
     if (st != PMTP_OK) {
         return st;
     }

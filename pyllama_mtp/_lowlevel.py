@@ -780,6 +780,14 @@ class NativeSpeculative(_NativeHandle):
         with self.lock:
             check_status(lib.pmtp_spec_set_sampling(self.ptr(), params), "set sampling")
 
+    def set_lookup(self, ngram: int, min_tokens: int, max_tokens: int) -> None:
+        params = ffi.new("pmtp_lookup_params *")
+        params.ngram = ngram
+        params.min_tokens = min_tokens
+        params.max_tokens = max_tokens
+        with self.lock:
+            check_status(lib.pmtp_spec_set_lookup(self.ptr(), params), "set lookup")
+
     def draft(self, limits: np.ndarray, p_min: float) -> None:
         self._limits[:] = limits
         with self._locked() as call:
@@ -843,15 +851,19 @@ class NativeSpeculative(_NativeHandle):
             "accepted_at": [int(raw.accepted_at[i]) for i in range(n)],
             "t_target_us": int(raw.t_target_us),
             "t_draft_us": int(raw.t_draft_us),
+            "n_lookup_steps": int(raw.n_lookup_steps),
+            "n_lookup_drafted": int(raw.n_lookup_drafted),
+            "n_lookup_accepted": int(raw.n_lookup_accepted),
         }
 
-    def counters(self) -> tuple[int, int, int, int]:
-        """(drafted, accepted, target µs, draft µs) so far: the cheap subset of stats()
-        that the adaptive policy reads around every step."""
+    def counters(self) -> tuple[int, int, int, int, int]:
+        """(drafted, accepted, target µs, draft µs, lookup steps) so far: the cheap subset
+        of stats() that the adaptive policy reads around every step."""
         raw = self._stats_buffer
         with self.lock:
             lib.pmtp_spec_get_stats(self.ptr(), raw)
-        return int(raw.n_drafted), int(raw.n_accepted), int(raw.t_target_us), int(raw.t_draft_us)
+        return (int(raw.n_drafted), int(raw.n_accepted), int(raw.t_target_us), int(raw.t_draft_us),
+                int(raw.n_lookup_steps))
 
     def reset_stats(self) -> None:
         with self.lock:

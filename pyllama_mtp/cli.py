@@ -40,7 +40,8 @@ def _decode_mtp(model: Model, args: argparse.Namespace, prompt_tokens: list, ech
     """MTP speculative decoding; returns (tokens, decode tokens/s, stats)."""
     with SpeculativeDecoder.create(model, n_ctx=args.ctx_size, n_draft=args.draft, n_threads=args.threads,
                                    temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
-                                   min_p=args.min_p, seed=args.seed) as decoder:
+                                   min_p=args.min_p, seed=args.seed, adaptive=getattr(args, "adaptive", False),
+                                   lookup_ngram=getattr(args, "lookup", 0)) as decoder:
         tokens, rate = _stream(model, decoder.generate(prompt_tokens, max_tokens=args.n_predict), echo)
         return tokens, rate, decoder.stats
 
@@ -73,6 +74,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"[{model.architecture}, MTP n_draft={args.draft}: {rate:.1f} tokens/s, acceptance "
                   f"{stats.acceptance:.1%}, mean accepted length {stats.mean_accepted_length:.2f}]",
                   file=sys.stderr)
+            if stats.lookup_steps:
+                print(f"[n-gram lookup drafted {stats.lookup_steps} of {stats.steps} steps, "
+                      f"{stats.lookup_acceptance:.1%} accepted; MTP {stats.mtp_acceptance:.1%}]", file=sys.stderr)
         else:
             _, rate = _decode_plain(model, args, prompt_tokens, echo=True)
             print(f"[{model.architecture}, no MTP: {rate:.1f} tokens/s]", file=sys.stderr)
@@ -167,6 +171,11 @@ def _add_generation_options(parser: argparse.ArgumentParser, prompt_default: Opt
     parser.add_argument("--min-p", type=float, default=0.0, help="min-p (0 = off)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed")
     parser.add_argument("--draft", type=int, default=3, help="MTP tokens drafted per step (default 3)")
+    parser.add_argument("--adaptive", action="store_true",
+                        help="choose the draft length per step from the measured acceptance (at most --draft)")
+    parser.add_argument("--lookup", type=int, default=0, metavar="N",
+                        help="draft from the text itself where its last N tokens occurred before "
+                             "(n-gram lookup, up to 8 tokens); MTP drafts otherwise (default 0: off)")
 
 
 def build_parser() -> argparse.ArgumentParser:

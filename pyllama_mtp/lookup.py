@@ -6,7 +6,9 @@ MTP head covers the rest. Each step takes the lookup draft when there is one of 
 ``min_lookup`` tokens and the MTP draft otherwise; verification is the same greedy
 target batch either way, so the output is plain greedy decoding's.
 
-This is also the worked example of a custom policy in docs/low-level-api.md.
+The same policy runs inside the C step with ``SpeculativeDecoder.create(model,
+lookup_ngram=3, lookup_max=8)``; this Python version is the worked example of a custom
+policy in docs/low-level-api.md (tests check that both make the same choices).
 """
 
 from __future__ import annotations

@@ -38,6 +38,9 @@ class SpeculativeStats:
     target_s: float = 0.0
     draft_s: float = 0.0
     wall_s: float = 0.0
+    lookup_steps: int = 0
+    lookup_drafted: int = 0
+    lookup_accepted: int = 0
 
     @property
     def acceptance(self) -> float:
@@ -48,6 +51,17 @@ class SpeculativeStats:
     def acceptance_at(self) -> list[float]:
         """Acceptance at each draft position (position 0 is the first drafted token)."""
         return [a / d if d else 0.0 for a, d in zip(self.accepted_at, self.drafted_at)]
+
+    @property
+    def lookup_acceptance(self) -> float:
+        """Accepted / drafted tokens of the steps drafted by n-gram lookup."""
+        return self.lookup_accepted / self.lookup_drafted if self.lookup_drafted else 0.0
+
+    @property
+    def mtp_acceptance(self) -> float:
+        """Accepted / drafted tokens of the steps drafted by the MTP head."""
+        drafted = self.drafted - self.lookup_drafted
+        return (self.accepted - self.lookup_accepted) / drafted if drafted else 0.0
 
     @property
     def mean_accepted_length(self) -> float:
@@ -65,9 +79,12 @@ class SpeculativeStats:
 
     def __str__(self) -> str:
         per_position = " ".join(f"{p:.0%}" for p in self.acceptance_at)
+        lookup = (f"; n-gram lookup drafted {self.lookup_steps} steps, {self.lookup_drafted} tokens, "
+                  f"{self.lookup_acceptance:.1%} accepted; MTP {self.mtp_acceptance:.1%}"
+                  if self.lookup_steps else "")
         return (
             f"steps {self.steps}, generated {self.generated}, drafted {self.drafted}, "
-            f"accepted {self.accepted} ({self.acceptance:.1%}; by position {per_position or '-'}), "
+            f"accepted {self.accepted} ({self.acceptance:.1%}; by position {per_position or '-'}{lookup}), "
             f"mean accepted length {self.mean_accepted_length:.2f}, "
             f"{self.tokens_per_second:.1f} tokens/s, time: target {self.target_s * 1e3:.1f} ms, "
             f"draft {self.draft_s * 1e3:.1f} ms, other {self.python_s * 1e3:.1f} ms"
@@ -123,30 +140,35 @@ class SpeculativeDecoder(Resource):
         adaptive: choose the draft length each step from the recent acceptance per
             position and the measured cost of verify batches and drafts
             (:mod:`pyllama_mtp.adaptive`).
+        max_draft: the longest draft the decoder holds (default ``n_draft``); n-gram
+            lookup drafts (:meth:`set_lookup`) and :meth:`set_draft` may use up to it.
     """
 
     def __init__(self, target: Context, draft: Context, *, n_draft: int = 3, p_min: float = 0.0,
-                 adaptive: bool = False) -> None:
+                 adaptive: bool = False, max_draft: Optional[int] = None) -> None:
         if not draft.is_mtp:
             raise InvalidArgumentError("draft must be an MTP context: use model.mtp_context(target)")
         if draft.model is not target.model:
             raise InvalidArgumentError("target and draft contexts must come from the same model")
         if draft.n_seq_max < target.n_seq_max:
             raise InvalidArgumentError("the draft context must hold as many sequences as the target")
-        max_draft = _lowlevel.PMTP_MAX_DRAFT_CAPACITY
-        if not isinstance(n_draft, int) or not 1 <= n_draft <= max_draft:
-            raise InvalidArgumentError(f"n_draft must be an int in [1, {max_draft}], got {n_draft!r}")
+        capacity = _lowlevel.PMTP_MAX_DRAFT_CAPACITY
+        if not isinstance(n_draft, int) or not 1 <= n_draft <= capacity:
+            raise InvalidArgumentError(f"n_draft must be an int in [1, {capacity}], got {n_draft!r}")
+        max_draft = n_draft if max_draft is None else max_draft
+        if not isinstance(max_draft, int) or not n_draft <= max_draft <= capacity:
+            raise InvalidArgumentError(f"max_draft must be an int in [n_draft, {capacity}], got {max_draft!r}")
         if not 0.0 <= p_min < 1.0:
             raise InvalidArgumentError(f"p_min must be in [0, 1), got {p_min!r}")
         model = target.model
-        if (model.is_hybrid or model.is_recurrent) and target.n_rs_seq < n_draft + 1:
+        if (model.is_hybrid or model.is_recurrent) and target.n_rs_seq < max_draft + 1:
             raise InvalidArgumentError(
                 f"{model.architecture} keeps recurrent state: create the target context with "
-                f"n_rs_seq >= n_draft + 1 ({n_draft + 1}) so rejected drafts can be rolled back "
+                f"n_rs_seq >= max_draft + 1 ({max_draft + 1}) so rejected drafts can be rolled back "
                 "(SpeculativeDecoder.create does this)")
         self._target = target
         self._draft_ctx = draft
-        self._native = _lowlevel.NativeSpeculative(target._native, draft._native, target.n_seq_max, n_draft)
+        self._native = _lowlevel.NativeSpeculative(target._native, draft._native, target.n_seq_max, max_draft)
         self.n_draft = min(n_draft, self._native.n_draft_max)
         self.p_min = float(p_min)
         self.adaptive = AdaptiveDraft(self.n_draft, self.n_draft) if adaptive else None
@@ -159,13 +181,19 @@ class SpeculativeDecoder(Resource):
                n_seq_max: int = 1, n_batch: int = 512, n_threads: Optional[int] = None,
                flash_attn: Optional[bool] = None, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, min_p: float = 0.0, seed: int = 0,
-               exact_match: bool = False, adaptive: bool = False) -> "SpeculativeDecoder":
+               exact_match: bool = False, adaptive: bool = False, lookup_ngram: int = 0,
+               lookup_min: int = 2, lookup_max: int = 8) -> "SpeculativeDecoder":
         """Make both contexts with the right settings and a decoder that owns them.
 
-        Sampling arguments: see :meth:`set_sampling` (default: greedy).
+        Sampling arguments: see :meth:`set_sampling` (default: greedy). ``lookup_ngram``
+        > 0 turns on n-gram lookup drafts of ``lookup_min`` to ``lookup_max`` tokens (see
+        :meth:`set_lookup`).
         """
+        if not isinstance(lookup_ngram, int) or lookup_ngram < 0:
+            raise InvalidArgumentError(f"lookup_ngram must be an int >= 0, got {lookup_ngram!r}")
+        max_draft = max(n_draft, lookup_max) if lookup_ngram and isinstance(lookup_max, int) else n_draft
         target = Context(model, n_ctx=n_ctx, n_batch=n_batch, n_seq_max=n_seq_max, n_threads=n_threads,
-                         n_rs_seq=n_draft + 1 if (model.is_hybrid or model.is_recurrent) else 0,
+                         n_rs_seq=max_draft + 1 if (model.is_hybrid or model.is_recurrent) else 0,
                          flash_attn=flash_attn)
         try:
             draft = model.mtp_context(target)
@@ -173,20 +201,44 @@ class SpeculativeDecoder(Resource):
             target.close()
             raise
         try:
-            decoder = cls(target, draft, n_draft=n_draft, p_min=p_min, adaptive=adaptive)
+            decoder = cls(target, draft, n_draft=n_draft, p_min=p_min, adaptive=adaptive, max_draft=max_draft)
         except BaseException:
             draft.close()
             target.close()
             raise
         decoder._owned = [draft, target]
-        if temperature > 0:
-            try:
+        try:
+            if temperature > 0:
                 decoder.set_sampling(temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
                                      exact_match=exact_match)
-            except BaseException:
-                decoder.close()
-                raise
+            if lookup_ngram:
+                decoder.set_lookup(lookup_ngram, min_tokens=lookup_min, max_tokens=lookup_max)
+        except BaseException:
+            decoder.close()
+            raise
         return decoder
+
+    def set_lookup(self, ngram: int, *, min_tokens: int = 2, max_tokens: Optional[int] = None) -> None:
+        """Draft from the sequence's own history where it repeats (n-gram lookup).
+
+        Before each :meth:`step`, a sequence whose last ``ngram`` tokens occurred earlier
+        in it takes the tokens that followed their most recent occurrence as its draft,
+        if there are at least ``min_tokens`` of them (at most ``max_tokens``, default
+        and limit: ``max_draft``); the MTP head drafts for the others. The target
+        verifies either kind the same way, so greedy output stays plain greedy decoding
+        and sampled output keeps its distribution. ``ngram=0`` turns lookup off.
+        Statistics count lookup steps apart (``stats.lookup_*``).
+        """
+        capacity = self._native.n_draft_max
+        max_tokens = capacity if max_tokens is None else max_tokens
+        if not isinstance(ngram, int) or not 0 <= ngram <= 64:
+            raise InvalidArgumentError(f"ngram must be an int in [0, 64], got {ngram!r}")
+        if not isinstance(max_tokens, int) or not 1 <= max_tokens <= capacity:
+            raise InvalidArgumentError(f"max_tokens must be an int in [1, {capacity}] (max_draft), "
+                                       f"got {max_tokens!r}")
+        if not isinstance(min_tokens, int) or not 1 <= min_tokens <= max_tokens:
+            raise InvalidArgumentError(f"min_tokens must be an int in [1, max_tokens], got {min_tokens!r}")
+        self._native.set_lookup(ngram, min_tokens, max_tokens)
 
     def set_sampling(self, temperature: float = 0.0, *, top_k: int = 0, top_p: float = 1.0,
                      min_p: float = 0.0, seed: int = 0, exact_match: bool = False) -> None:
@@ -275,9 +327,10 @@ class SpeculativeDecoder(Resource):
         finally:
             self._wall_s += time.perf_counter() - start
         if policy:
-            drafted, accepted, target_us, draft_us = (
+            drafted, accepted, target_us, draft_us, lookups = (
                 now - then for now, then in zip(self._native.counters(), before))
-            policy.observe(drafted, accepted, target_us / 1e6, draft_us / 1e6)
+            if not lookups:  # a lookup step says nothing about the MTP head's best length
+                policy.observe(drafted, accepted, target_us / 1e6, draft_us / 1e6)
         return produced
 
     def generate(self, prompt: Union[str, Iterable[int]], *, max_tokens: int = 128, seq_id: int = 0,
@@ -444,7 +497,9 @@ class SpeculativeDecoder(Resource):
             n_draft_max=raw["n_draft_max"], steps=raw["n_steps"], drafted=raw["n_drafted"],
             accepted=raw["n_accepted"], generated=raw["n_generated"],
             drafted_at=raw["drafted_at"], accepted_at=raw["accepted_at"],
-            target_s=raw["t_target_us"] / 1e6, draft_s=raw["t_draft_us"] / 1e6, wall_s=self._wall_s)
+            target_s=raw["t_target_us"] / 1e6, draft_s=raw["t_draft_us"] / 1e6, wall_s=self._wall_s,
+            lookup_steps=raw["n_lookup_steps"], lookup_drafted=raw["n_lookup_drafted"],
+            lookup_accepted=raw["n_lookup_accepted"])
 
     def reset_stats(self) -> None:
         self._native.reset_stats()

@@ -57,6 +57,9 @@ typedef struct pmtp_spec_stats {
     int64_t accepted_at[...];
     int64_t t_target_us;
     int64_t t_draft_us;
+    int64_t n_lookup_steps;
+    int64_t n_lookup_drafted;
+    int64_t n_lookup_accepted;
 } pmtp_spec_stats;
 
 pmtp_spec * pmtp_spec_new(struct llama_context * tgt, struct llama_context * dft,
@@ -72,6 +75,12 @@ typedef struct pmtp_sampling_params {
     int32_t  exact_match;
 } pmtp_sampling_params;
 int32_t pmtp_spec_set_sampling(pmtp_spec * spec, const pmtp_sampling_params * params);
+typedef struct pmtp_lookup_params {
+    int32_t ngram;
+    int32_t min_tokens;
+    int32_t max_tokens;
+} pmtp_lookup_params;
+int32_t pmtp_spec_set_lookup(pmtp_spec * spec, const pmtp_lookup_params * params);
 int32_t pmtp_spec_n_draft_max(const pmtp_spec * spec);
 int32_t pmtp_spec_prefill(pmtp_spec * spec, llama_seq_id seq, const llama_token * tokens, int32_t n);
 int32_t pmtp_spec_draft(pmtp_spec * spec, const int32_t * n_max, float p_min);
