@@ -1,16 +1,19 @@
-"""The wheel a user installs: built with ``pip wheel .``, installed into a new virtual
-environment, run from outside the source tree.
+"""The wheel a user installs: built with ``pip wheel .``, made portable with ``auditwheel
+repair`` (manylinux tag, libgomp bundled), installed into a new virtual environment, run
+from outside the source tree; and the sdist, which must build with no network at all.
 
-Slow (a wheel build, reusing the persistent build folder, and a venv with numpy, cffi and
-gguf from the package index), so it runs once, in the CPU run.
+Slow (wheel builds, the first reusing the persistent build folder, and a venv with numpy,
+cffi and gguf from the package index), so they run once, in the CPU run.
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import tarfile
 import venv
 import zipfile
 
@@ -27,14 +30,20 @@ def run(*args, cwd, timeout=1800, env=None):
     return result
 
 
-def test_wheel_installs_into_a_fresh_venv_and_runs(tmp_path, backend_name, model_path):
+@pytest.fixture(scope="module")
+def repo_wheel(tmp_path_factory, backend_name):
+    """``pip wheel .`` of the source tree (the persistent build folder makes it quick)."""
     if backend_name != "cpu":
         pytest.skip(f"backend {backend_name}: the wheel is built and tested once, in the CPU run")
-    dist = tmp_path / "dist"
-    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", dist, REPO, cwd=tmp_path)
+    dist = tmp_path_factory.mktemp("dist")
+    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", dist, REPO, cwd=dist)
     wheels = list(dist.glob("pyllama_mtp-*.whl"))
     assert len(wheels) == 1, wheels
-    wheel = wheels[0]
+    return wheels[0]
+
+
+def test_wheel_installs_into_a_fresh_venv_and_runs(tmp_path, repo_wheel, model_path):
+    wheel = repo_wheel
     names = zipfile.ZipFile(wheel).namelist()
     size_mib = wheel.stat().st_size / (1 << 20)
     print(f"wheel {wheel.name}: {size_mib:.1f} MiB, {len(names)} files")
@@ -43,6 +52,22 @@ def test_wheel_installs_into_a_fresh_venv_and_runs(tmp_path, backend_name, model
     assert "pyllama_mtp/py.typed" in names
     assert not [n for n in names if n.endswith((".h", ".a", ".o", ".cmake")) or "/bin/" in n]
     assert size_mib < 100
+
+    # The portable wheel: external libraries bundled, except the Vulkan loader, which
+    # belongs to the system's GPU driver stack (like CUDA's runtime for CUDA wheels).
+    before = run(sys.executable, "-m", "auditwheel", "show", wheel, cwd=tmp_path).stdout
+    repaired_dir = tmp_path / "repaired"
+    run(sys.executable, "-m", "auditwheel", "repair", "--exclude", "libvulkan.so.1", "-w", repaired_dir,
+        wheel, cwd=tmp_path)
+    repaired = list(repaired_dir.glob("pyllama_mtp-*.whl"))
+    assert len(repaired) == 1, repaired
+    print(f"repaired: {repaired[0].name}: {repaired[0].stat().st_size / (1 << 20):.1f} MiB")
+    assert "-manylinux_" in repaired[0].name, repaired[0].name
+    bundled = [n for n in zipfile.ZipFile(repaired[0]).namelist() if n.startswith("pyllama_mtp.libs/")]
+    if "libgomp.so.1" in before:  # OpenMP from the system compiler: now inside the wheel
+        assert any("libgomp" in n for n in bundled), bundled
+    assert not any("libvulkan" in n for n in bundled), bundled
+    wheel = repaired[0]
 
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
@@ -74,3 +99,56 @@ def test_wheel_installs_into_a_fresh_venv_and_runs(tmp_path, backend_name, model
     )
     same = run(bin_dir / "python", "-c", check, original, tmp_path / "grafted.gguf", cwd=tmp_path)
     assert same.stdout.split() == ["True", "100"], same.stdout
+
+
+def test_sdist_builds_offline_into_the_same_wheel(tmp_path, repo_wheel):
+    """The sdist carries llama.cpp's tree: with its build requirements at hand it builds
+    with the network cut off (a network namespace where available, and never the package
+    index), into a wheel with the same files as ``pip wheel .`` for the same backends."""
+    sdist_dir = tmp_path / "sdist"
+    run(sys.executable, "-m", "build", "--sdist", "-o", sdist_dir, REPO, cwd=tmp_path)
+    sdists = list(sdist_dir.glob("pyllama_mtp-*.tar.gz"))
+    assert len(sdists) == 1, sdists
+    with tarfile.open(sdists[0]) as archive:
+        members = archive.getnames()
+        root = members[0].split("/")[0]
+        archive.extractall(tmp_path, filter="data") if hasattr(tarfile, "data_filter") else archive.extractall(tmp_path)
+    print(f"sdist {sdists[0].name}: {sdists[0].stat().st_size / (1 << 20):.1f} MiB, {len(members)} files")
+    for needed in ("vendor/llama.cpp/include/llama.h", "vendor/llama.cpp/src/llama.cpp",
+                   "vendor/llama.cpp/ggml/CMakeLists.txt", "csrc/speculative.cpp", "tools/build_cffi.py"):
+        assert f"{root}/{needed}" in members, needed
+    assert not [m for m in members if m.startswith((f"{root}/build/", f"{root}/vendor/llama.cpp/models/"))
+                or m.endswith((".gguf", ".so", ".git"))]
+
+    # Build requirements from the package index first; then nothing may be fetched.
+    wheelhouse = tmp_path / "wheelhouse"
+    run(sys.executable, "-m", "pip", "download", "-q", "-d", wheelhouse, "scikit-build-core>=0.10",
+        "cffi>=1.17", "cmake>=3.21", "ninja", cwd=tmp_path)
+    offline = ["unshare", "--net", "--map-root-user"] if _can_cut_network() else []
+    # CPU only (the Vulkan shaders alone would take 11 minutes more). With ccache, paths
+    # rewritten relative to the build folder make the unpacked tree hit the objects the
+    # source tree's build left, as its layout is the same.
+    env = {**os.environ, "CMAKE_ARGS": "", "CCACHE_BASEDIR": "/", "PIP_NO_INDEX": "1"}
+    out = tmp_path / "from-sdist"
+    run(*offline, sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-index", "--find-links", wheelhouse,
+        "-w", out, tmp_path / root, cwd=tmp_path, env=env)
+    built = list(out.glob("pyllama_mtp-*.whl"))
+    assert len(built) == 1, built
+    print(f"built offline{' (no network namespace)' if not offline else ''}: {built[0].name}")
+
+    def contents(wheel):
+        with zipfile.ZipFile(wheel) as archive:
+            return {name: archive.read(name) for name in archive.namelist() if "dist-info/RECORD" not in name}
+
+    ours, theirs = contents(built[0]), contents(repo_wheel)
+    optional = ("libggml-vulkan", "libggml-rpc")  # backends the source-tree build chose
+    expected = {name for name in theirs if not pathlib.PurePath(name).name.startswith(optional)}
+    assert set(ours) == expected
+    python_files = [name for name in ours if name.endswith(".py")]
+    assert python_files and all(ours[name] == theirs[name] for name in python_files)
+
+
+def _can_cut_network() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    return subprocess.run(["unshare", "--net", "--map-root-user", "true"], capture_output=True).returncode == 0
