@@ -216,6 +216,11 @@ PMTP_API int32_t pmtp_spec_accept(pmtp_spec * spec, llama_seq_id seq, int32_t n_
  * (n_draft_max + 1); out_counts[seq]: tokens produced (accepted drafts + 1). */
 PMTP_API int32_t pmtp_spec_step(pmtp_spec * spec, int32_t n_draft, float p_min,
                                 llama_token * out_tokens, int32_t * out_counts);
+/* The same with a draft length per sequence (n_draft[seq] >= 0); out_drafted (may be
+ * NULL) receives each sequence's verified draft length, or -(length + 1) when the draft
+ * came from n-gram lookup. */
+PMTP_API int32_t pmtp_spec_step_each(pmtp_spec * spec, const int32_t * n_draft, float p_min,
+                                     llama_token * out_tokens, int32_t * out_counts, int32_t * out_drafted);
 /* 1 if active (and its pending token / position), 0 if not, or a PMTP_ERR_*. */
 PMTP_API int32_t pmtp_spec_seq_state(const pmtp_spec * spec, llama_seq_id seq, llama_token * id_last,
                                      llama_pos * n_past);

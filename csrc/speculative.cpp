@@ -770,16 +770,38 @@ int32_t pmtp_spec_set_sampling(pmtp_spec * s, const pmtp_sampling_params * param
 
 int32_t pmtp_spec_step(pmtp_spec * s, int32_t n_draft, float p_min, llama_token * out_tokens,
                        int32_t * out_counts) {
-    if (s == nullptr || n_draft < 0 || out_tokens == nullptr || out_counts == nullptr) {
+    if (s == nullptr || n_draft < 0) {
         return PMTP_ERR_ARGUMENT;
     }
+    return guarded([&]() -> int32_t {
+        const std::vector<int32_t> n_each(s->n_seq, n_draft);
+        return pmtp_spec_step_each(s, n_each.data(), p_min, out_tokens, out_counts, nullptr);
+    });
+}
+
+int32_t pmtp_spec_step_each(pmtp_spec * s, const int32_t * n_draft_each, float p_min, llama_token * out_tokens,
+                            int32_t * out_counts, int32_t * out_drafted) {
+    if (s == nullptr || n_draft_each == nullptr || out_tokens == nullptr || out_counts == nullptr) {
+        return PMTP_ERR_ARGUMENT;
+    }
+    for (llama_seq_id seq = 0; seq < s->n_seq; seq++) {
+        if (n_draft_each[seq] < 0) {
+            return PMTP_ERR_ARGUMENT;
+        }
+    }
+    return guarded([&]() -> int32_t {
     const int32_t stride = s->n_draft_max + 1;
-    std::vector<int32_t> limits(s->n_seq, std::min(n_draft, s->n_draft_max));
+    std::vector<int32_t> limits(s->n_seq);
     const int32_t n_ctx = (int32_t) llama_n_ctx_seq(s->tgt);
+    int32_t n_draft = 0;  // the longest MTP draft asked for
     for (llama_seq_id seq = 0; seq < s->n_seq; seq++) {
         out_counts[seq] = 0;
+        if (out_drafted) {
+            out_drafted[seq] = 0;
+        }
         // Never draft past the end of the context: the verify batch must fit.
-        limits[seq] = std::max(0, std::min(limits[seq], n_ctx - 1 - s->seqs[seq].n_past));
+        limits[seq] = std::max(0, std::min({n_draft_each[seq], s->n_draft_max, n_ctx - 1 - s->seqs[seq].n_past}));
+        n_draft = std::max(n_draft, limits[seq]);
     }
     // n-gram lookup first: a sequence whose last n-gram occurred before, followed by at
     // least min_tokens tokens, takes those as its draft (up to max_tokens, the context
@@ -836,12 +858,16 @@ int32_t pmtp_spec_step(pmtp_spec * s, int32_t n_draft, float p_min, llama_token 
         }
         out[k] = next;
         out_counts[seq] = k + 1;
+        if (out_drafted) {
+            out_drafted[seq] = q.draft_from_lookup ? -(int32_t) q.draft.size() - 1 : (int32_t) q.draft.size();
+        }
         st = pmtp_spec_accept(s, seq, k, next);
         if (st != PMTP_OK) {
             return st;
         }
     }
     return PMTP_OK;
+    });
 }
 
 int32_t pmtp_spec_seq_state(const pmtp_spec * s, llama_seq_id seq, llama_token * id_last, llama_pos * n_past) {

@@ -12,7 +12,7 @@ import os
 import signal
 import threading
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 
@@ -742,6 +742,10 @@ class NativeSpeculative(_NativeHandle):
         self._out_tokens = np.zeros((n_seq, self.n_draft_max + 1), dtype=np.int32)
         self._out_counts = np.zeros(n_seq, dtype=np.int32)
         self._limits = np.zeros(n_seq, dtype=np.int32)
+        self._n_draft_each = np.zeros(n_seq, dtype=np.int32)
+        self._out_drafted = np.zeros(n_seq, dtype=np.int32)
+        self._n_draft_each_ptr = ffi.cast("int32_t *", ffi.from_buffer(self._n_draft_each))
+        self._out_drafted_ptr = ffi.cast("int32_t *", ffi.from_buffer(self._out_drafted))
         self._out_tokens_ptr = ffi.cast("llama_token *", ffi.from_buffer(self._out_tokens))
         self._out_counts_ptr = ffi.cast("int32_t *", ffi.from_buffer(self._out_counts))
         self._limits_ptr = ffi.cast("int32_t *", ffi.from_buffer(self._limits))
@@ -767,6 +771,15 @@ class NativeSpeculative(_NativeHandle):
             call.check(lib.pmtp_spec_step(self.ptr(), n_draft, p_min, self._out_tokens_ptr,
                                             self._out_counts_ptr), "speculative step")
         return self._out_tokens, self._out_counts
+
+    def step_each(self, n_draft: Sequence[int], p_min: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One step with a draft length per sequence; returns views of (tokens, counts,
+        drafted): drafted[seq] is the verified draft length, -(length + 1) for lookup drafts."""
+        self._n_draft_each[:] = n_draft
+        with self._locked() as call:
+            call.check(lib.pmtp_spec_step_each(self.ptr(), self._n_draft_each_ptr, p_min, self._out_tokens_ptr,
+                                                 self._out_counts_ptr, self._out_drafted_ptr), "speculative step")
+        return self._out_tokens, self._out_counts, self._out_drafted
 
     def set_sampling(self, temperature: float, top_k: int, top_p: float, min_p: float, seed: int,
                      exact_match: bool) -> None:

@@ -171,7 +171,9 @@ class SpeculativeDecoder(Resource):
         self._native = _lowlevel.NativeSpeculative(target._native, draft._native, target.n_seq_max, max_draft)
         self.n_draft = min(n_draft, self._native.n_draft_max)
         self.p_min = float(p_min)
-        self.adaptive = AdaptiveDraft(self.n_draft, self.n_draft) if adaptive else None
+        # One adaptive policy per sequence: each learns its own sequence's acceptance.
+        self._policies = [AdaptiveDraft(self.n_draft, self.n_draft) for _ in range(target.n_seq_max)] \
+            if adaptive else []
         self._wall_s = 0.0
         self._owned: list[Context] = []
         self._mark_open()
@@ -315,23 +317,45 @@ class SpeculativeDecoder(Resource):
         Each list holds the accepted draft tokens and the target's next token (at least
         one token per active sequence).
         """
-        policy = self.adaptive if n_draft is None else None
-        n_draft = (policy.n if policy else self.n_draft) if n_draft is None else n_draft
+        if n_draft is None and self._policies:
+            return self._adaptive_step()
+        n_draft = self.n_draft if n_draft is None else n_draft
         if not isinstance(n_draft, int) or not 0 <= n_draft <= self._native.n_draft_max:
             raise InvalidArgumentError(f"n_draft must be in [0, {self._native.n_draft_max}]")
-        before = self._native.counters() if policy else None
         start = time.perf_counter()
         try:
             tokens, counts = self._native.step(n_draft, self.p_min)
             produced = [tokens[seq, :counts[seq]].tolist() for seq in range(self.n_seq)]
         finally:
             self._wall_s += time.perf_counter() - start
-        if policy:
-            drafted, accepted, target_us, draft_us, lookups = (
-                now - then for now, then in zip(self._native.counters(), before))
-            if not lookups:  # a lookup step says nothing about the MTP head's best length
-                policy.observe(drafted, accepted, target_us / 1e6, draft_us / 1e6)
         return produced
+
+    def _adaptive_step(self) -> list[list[int]]:
+        """A step where each sequence drafts the length its own policy chose."""
+        before = self._native.counters()
+        start = time.perf_counter()
+        try:
+            tokens, counts, drafted = self._native.step_each([policy.n for policy in self._policies], self.p_min)
+            produced = [tokens[seq, :counts[seq]].tolist() for seq in range(self.n_seq)]
+            drafted = drafted.tolist()
+        finally:
+            self._wall_s += time.perf_counter() - start
+        _, _, target_us, draft_us, _ = (now - then for now, then in zip(self._native.counters(), before))
+        for policy, tokens_out, n_drafted in zip(self._policies, produced, drafted):
+            # Inactive sequences produced nothing; lookup drafts say nothing about the head.
+            if tokens_out and n_drafted >= 0:
+                policy.observe(n_drafted, len(tokens_out) - 1, target_us / 1e6, draft_us / 1e6)
+        return produced
+
+    @property
+    def adaptive(self) -> Optional[AdaptiveDraft]:
+        """Sequence 0's adaptive policy (None without ``adaptive=True``); see :attr:`policies`."""
+        return self._policies[0] if self._policies else None
+
+    @property
+    def policies(self) -> list[AdaptiveDraft]:
+        """Each sequence's adaptive policy (empty without ``adaptive=True``)."""
+        return list(self._policies)
 
     def generate(self, prompt: Union[str, Iterable[int]], *, max_tokens: int = 128, seq_id: int = 0,
                  stop_at_eog: bool = True, timeout: Optional[float] = None) -> Iterator[int]:

@@ -277,3 +277,24 @@ def test_adaptive_drafting_is_lossless_and_drafts_less_when_the_head_is_wrong(mo
                 per_step[acceptance] = stats.drafted / stats.steps
     assert recent[0.3] < recent[0.95], recent
     assert per_step[0.3] < per_step[0.95], per_step
+
+
+def test_adaptive_policies_are_per_sequence(model, backend_name):
+    """Each sequence has its own adaptive policy, fed only by its own steps: a sequence
+    that starts later has seen fewer steps, and both stay lossless in shared batches."""
+    if backend_name != "cpu":
+        pytest.skip(f"backend {backend_name}: exact token equality in shared batches is checked on the CPU run")
+    expected = [plain_greedy(model, prompt, 150) for prompt in PROMPTS[:2]]
+    with SpeculativeDecoder.create(model, n_ctx=1024, n_seq_max=2, n_draft=5, adaptive=True, **CTX) as decoder:
+        outputs = [[], []]
+        decoder.prefill(PROMPTS[0], seq_id=0)
+        for _ in range(10):
+            outputs[0] += decoder.step()[0]
+        assert decoder.policies[1].steps == 0  # sequence 1 has not started
+        decoder.prefill(PROMPTS[1], seq_id=1)
+        while min(len(out) for out in outputs) < 150:
+            for seq_id, tokens in enumerate(decoder.step()):
+                outputs[seq_id] += tokens
+        assert decoder.policies[0].steps == decoder.policies[1].steps + 10
+        assert decoder.adaptive is decoder.policies[0]
+    assert [out[:150] for out in outputs] == expected
