@@ -139,11 +139,15 @@ def test_speculative_sampling_has_the_distribution_of_plain_sampling(model_path,
 
 
 @pytest.mark.parametrize("arch", ["qwen35", "glm4moe"])
-def test_sampled_drafts_accept_more_often_than_exact_matches(model_path, arch):
+def test_sampled_drafts_accept_more_often_than_exact_matches(model_path, arch, backend_name):
     """At a temperature where the target's distribution is wide, accepting a draft with
     probability min(1, p/q) keeps most drafts, while requiring the target's own sample
     to equal the draft keeps few. Same fixture (eps 0.5), temperature and seeds."""
     from pyllama_mtp import Model
+
+    if backend_name != "cpu":
+        pytest.skip(f"backend {backend_name}: 1,300 sampled steps take minutes here; the acceptance "
+                    "rule is backend-independent C code, tested on the CPU run")
 
     with Model.load(model_path(arch, eps=0.5)) as model:
         accepted = acceptance(model, 1.5, {}, exact_match=False, runs=8, steps=40)
