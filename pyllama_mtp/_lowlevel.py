@@ -765,13 +765,6 @@ class NativeSpeculative(_NativeHandle):
             call.check(lib.pmtp_spec_prefill(self.ptr(), seq, ffi.cast("llama_token *", ffi.from_buffer(tokens)),
                                                len(tokens)), "prefill")
 
-    def step(self, n_draft: int, p_min: float) -> tuple[np.ndarray, np.ndarray]:
-        """One greedy step; returns (tokens[n_seq, n_draft_max + 1], counts[n_seq]) views."""
-        with self._locked() as call:
-            call.check(lib.pmtp_spec_step(self.ptr(), n_draft, p_min, self._out_tokens_ptr,
-                                            self._out_counts_ptr), "speculative step")
-        return self._out_tokens, self._out_counts
-
     def step_each(self, n_draft: Sequence[int], p_min: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One step with a draft length per sequence; returns views of (tokens, counts,
         drafted): drafted[seq] is the verified draft length, -(length + 1) for lookup drafts."""
@@ -869,14 +862,13 @@ class NativeSpeculative(_NativeHandle):
             "n_lookup_accepted": int(raw.n_lookup_accepted),
         }
 
-    def counters(self) -> tuple[int, int, int, int, int]:
-        """(drafted, accepted, target µs, draft µs, lookup steps) so far: the cheap subset
-        of stats() that the adaptive policy reads around every step."""
+    def timings_us(self) -> tuple[int, int]:
+        """(target µs, draft µs) so far: the cheap subset of stats() that the adaptive
+        policy reads around every step."""
         raw = self._stats_buffer
         with self.lock:
             lib.pmtp_spec_get_stats(self.ptr(), raw)
-        return (int(raw.n_drafted), int(raw.n_accepted), int(raw.t_target_us), int(raw.t_draft_us),
-                int(raw.n_lookup_steps))
+        return int(raw.t_target_us), int(raw.t_draft_us)
 
     def reset_stats(self) -> None:
         with self.lock:

@@ -317,34 +317,28 @@ class SpeculativeDecoder(Resource):
         Each list holds the accepted draft tokens and the target's next token (at least
         one token per active sequence).
         """
-        if n_draft is None and self._policies:
-            return self._adaptive_step()
-        n_draft = self.n_draft if n_draft is None else n_draft
-        if not isinstance(n_draft, int) or not 0 <= n_draft <= self._native.n_draft_max:
-            raise InvalidArgumentError(f"n_draft must be in [0, {self._native.n_draft_max}]")
+        policies = self._policies if n_draft is None else []
+        if policies:
+            lengths = [policy.n for policy in policies]
+        else:
+            n_draft = self.n_draft if n_draft is None else n_draft
+            if not isinstance(n_draft, int) or not 0 <= n_draft <= self._native.n_draft_max:
+                raise InvalidArgumentError(f"n_draft must be in [0, {self._native.n_draft_max}]")
+            lengths = [n_draft] * self.n_seq
+        before = self._native.timings_us() if policies else (0, 0)
         start = time.perf_counter()
         try:
-            tokens, counts = self._native.step(n_draft, self.p_min)
+            tokens, counts, drafted = self._native.step_each(lengths, self.p_min)
             produced = [tokens[seq, :counts[seq]].tolist() for seq in range(self.n_seq)]
         finally:
             self._wall_s += time.perf_counter() - start
-        return produced
-
-    def _adaptive_step(self) -> list[list[int]]:
-        """A step where each sequence drafts the length its own policy chose."""
-        before = self._native.counters()
-        start = time.perf_counter()
-        try:
-            tokens, counts, drafted = self._native.step_each([policy.n for policy in self._policies], self.p_min)
-            produced = [tokens[seq, :counts[seq]].tolist() for seq in range(self.n_seq)]
-            drafted = drafted.tolist()
-        finally:
-            self._wall_s += time.perf_counter() - start
-        _, _, target_us, draft_us, _ = (now - then for now, then in zip(self._native.counters(), before))
-        for policy, tokens_out, n_drafted in zip(self._policies, produced, drafted):
-            # Inactive sequences produced nothing; lookup drafts say nothing about the head.
-            if tokens_out and n_drafted >= 0:
-                policy.observe(n_drafted, len(tokens_out) - 1, target_us / 1e6, draft_us / 1e6)
+        if policies:
+            target_us, draft_us = (now - then for now, then in zip(self._native.timings_us(), before))
+            for policy, tokens_out, n_drafted in zip(policies, produced, drafted.tolist()):
+                # Inactive sequences produced nothing; lookup drafts (negative) say nothing
+                # about the MTP head.
+                if tokens_out and n_drafted >= 0:
+                    policy.observe(n_drafted, len(tokens_out) - 1, target_us / 1e6, draft_us / 1e6)
         return produced
 
     @property

@@ -91,8 +91,6 @@ int32_t pmtp_spec_verify(pmtp_spec * spec);
 int32_t pmtp_spec_target_choices(const pmtp_spec * spec, llama_seq_id seq, llama_token * out, int32_t capacity);
 int32_t pmtp_spec_verify_row(const pmtp_spec * spec, llama_seq_id seq, int32_t row);
 int32_t pmtp_spec_accept(pmtp_spec * spec, llama_seq_id seq, int32_t n_accepted, llama_token next);
-int32_t pmtp_spec_step(pmtp_spec * spec, int32_t n_draft, float p_min,
-                       llama_token * out_tokens, int32_t * out_counts);
 int32_t pmtp_spec_step_each(pmtp_spec * spec, const int32_t * n_draft, float p_min,
                             llama_token * out_tokens, int32_t * out_counts, int32_t * out_drafted);
 int32_t pmtp_spec_seq_state(const pmtp_spec * spec, llama_seq_id seq, llama_token * id_last, llama_pos * n_past);
