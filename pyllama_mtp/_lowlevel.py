@@ -487,6 +487,7 @@ class ContextConfig:
     mtp: bool = False
     flash_attn: Optional[bool] = None
     kv_unified: bool = True
+    warmup: bool = True
 
 
 class NativeContext(_NativeHandle):
@@ -541,6 +542,27 @@ class NativeContext(_NativeHandle):
         # a half-run ubatch: upstream restores a stale snapshot). Otherwise between calls.
         offloaded = any(not entry["buffer_type"].upper().startswith("CPU") for entry in self.memory_breakdown())
         self.abort_state.between_calls_only = recurrent or offloaded
+        if config.warmup and not config.mtp:
+            self._warm_up(model)
+
+    def _warm_up(self, model: NativeModel) -> None:
+        """One throw-away decode of [BOS, EOS], then empty memory: what llama.cpp's own
+        tools do on every new context. Without it, the first single-token decode on
+        Mesa's Vulkan device crashed the process for some graphs (glm4moe, 16-dim heads,
+        flash attention; upstream's llama-completion --no-warmup crashes the same way)."""
+        vocab = lib.llama_model_get_vocab(model.ptr())
+        tokens = np.array([t for t in (lib.llama_vocab_bos(vocab), lib.llama_vocab_eos(vocab)) if t >= 0] or [0],
+                          dtype=np.int32)
+        n = len(tokens)
+        outputs = np.zeros(n, dtype=np.int8)
+        outputs[-1] = 1
+        try:
+            self.decode(tokens, np.arange(n, dtype=np.int32), np.zeros(n, dtype=np.int32), outputs)
+            self.memory_clear()
+            lib.llama_synchronize(self.ptr())
+        except BaseException:
+            self.free()
+            raise
 
     def _free(self, ptr: Any) -> None:
         lib.llama_free(ptr)

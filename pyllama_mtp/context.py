@@ -104,6 +104,10 @@ class Context(Resource):
     context reuses its output buffers on the next decode, so a view would silently
     change under the caller.
 
+    ``flash_attn``: True, False, or None to let llama.cpp choose per device. ``warmup``
+    runs one throw-away decode at creation and empties the memory again, as llama.cpp's
+    own tools do (it leaves no trace; see ``NativeContext._warm_up`` for why it matters).
+
     All methods are thread-safe: calls on one context are serialised by its lock.
     Use one context per thread for parallel decoding.
     """
@@ -121,6 +125,7 @@ class Context(Resource):
         n_rs_seq: int = 0,
         embeddings: bool = False,
         flash_attn: Optional[bool] = None,
+        warmup: bool = True,
         _mtp_target: Optional["Context"] = None,
     ) -> None:
         for name, value in (("n_ctx", n_ctx), ("n_batch", n_batch), ("n_seq_max", n_seq_max)):
@@ -138,7 +143,8 @@ class Context(Resource):
         config = _lowlevel.ContextConfig(
             n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, n_seq_max=n_seq_max,
             n_rs_seq=n_rs_seq, n_threads=n_threads or 0, n_threads_batch=n_threads_batch or 0,
-            embeddings=embeddings, flash_attn=flash_attn, mtp=_mtp_target is not None)
+            embeddings=embeddings, flash_attn=flash_attn, mtp=_mtp_target is not None,
+            warmup=bool(warmup))
         if _mtp_target is not None and not model.mtp_loaded:
             # llama.cpp asserts (kills the process) building an MTP graph without the layers.
             raise NoMTPError("this model has no MTP layers loaded: load a model with MTP layers "
@@ -147,6 +153,7 @@ class Context(Resource):
             model._native_model(), config, _mtp_target._native if _mtp_target is not None else None)
         self._is_mtp = _mtp_target is not None
         self._embeddings = embeddings
+        self._flash_attn = flash_attn
         self._last_outputs = np.zeros(0, dtype=np.int8)
         self._output_offset = 0
         model._adopt(self)
@@ -192,6 +199,11 @@ class Context(Resource):
     def n_rs_seq(self) -> int:
         """Recurrent-state snapshots per sequence (how far a hybrid model can roll back)."""
         return self._native.n_rs_seq
+
+    @property
+    def flash_attn(self) -> Optional[bool]:
+        """Flash attention as requested: True, False or None (llama.cpp decides per device)."""
+        return self._flash_attn
 
     @property
     def is_mtp(self) -> bool:

@@ -262,7 +262,7 @@ class Model(Resource):
         """Create the MTP draft context for ``target``: the same weights, its own small KV.
 
         No weight is loaded twice: the draft context runs this model's MTP (nextn) layers,
-        with as many positions and sequences as the target.
+        with as many positions and sequences as the target and its flash-attention setting.
 
         Raises:
             NoMTPError: the model has no MTP layers, or was loaded with ``load_mtp=False``.
@@ -275,9 +275,10 @@ class Model(Resource):
             raise NoMTPError(
                 f"{self.architecture} with {self.n_layer_nextn} MTP blocks: the pinned llama.cpp runs "
                 f"a single MTP block for this architecture (strip the extra blocks to draft)")
+        # Same attention kernel choice as the target, as upstream builds its drafter.
         return Context(self, n_ctx=target.n_ctx, n_batch=target.n_batch, n_ubatch=target.n_ubatch,
                        n_seq_max=target.n_seq_max, n_threads=n_threads or target.n_threads,
-                       _mtp_target=target)
+                       flash_attn=target.flash_attn, _mtp_target=target)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else f"{self.architecture}, {self.n_params:,} params"

@@ -57,6 +57,18 @@ def test_decoding_is_deterministic(model):
     assert np.array_equal(results[0], results[1])
 
 
+def test_warm_up_leaves_no_trace(model):
+    tokens = prompt_tokens(model)
+    results = []
+    for warmup in (True, False):
+        with model.context(n_ctx=256, n_batch=64, n_threads=1, warmup=warmup) as ctx:
+            assert ctx.pos_max(0) == -1
+            ctx.decode(tokens)
+            assert ctx.pos_max(0) == len(tokens) - 1
+            results.append(ctx.logits())
+    np.testing.assert_allclose(results[0], results[1], rtol=0, atol=1e-5)
+
+
 def test_all_outputs_of_a_batch(model, context):
     tokens = prompt_tokens(model)
     context.decode(Batch(tokens, outputs=True))

@@ -264,6 +264,15 @@ def test_draft_context_shares_the_weights(model_path, backend_name):
         assert "MTP costs" in str(report)
 
 
+def test_draft_context_follows_the_targets_attention_setting(model):
+    """Upstream builds its drafter from the target's parameters; a draft that chose its
+    own attention kernel ran a graph the target never ran (and crashed llvmpipe)."""
+    for flash_attn in (False, True, None):
+        with model.context(n_ctx=128, n_threads=1, flash_attn=flash_attn) as target, \
+                model.mtp_context(target) as draft:
+            assert (target.flash_attn, draft.flash_attn) == (flash_attn, flash_attn)
+
+
 def test_adaptive_drafting_is_lossless_and_drafts_less_when_the_head_is_wrong(model_path):
     per_step, recent = {}, {}
     for acceptance in (0.95, 0.3):
