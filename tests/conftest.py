@@ -119,6 +119,12 @@ def model_path(model_dir):
     """Factory: model_path(arch, mtp=True, **kw) -> path of a generated GGUF."""
 
     def make(arch: str = "qwen35", **kwargs) -> pathlib.Path:
+        if BACKEND == "vulkan" and arch == "glm4moe":
+            # llama.cpp's Vulkan flash attention crashes Mesa's llvmpipe (SIGSEGV in its
+            # queue thread) on glm4moe with 16-dim heads for some batch sizes (9-16 tokens
+            # after a short prompt; a first single token without warm-up, which upstream's
+            # llama-completion --no-warmup hits too). 32-dim heads run every shape.
+            kwargs.setdefault("head_dim", 32)
         return fixtures.make_model(arch, cache_dir=model_dir, **kwargs)
 
     return make
