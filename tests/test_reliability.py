@@ -195,20 +195,27 @@ from pyllama_mtp import Model
 
 path, tokens, ctx_args = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3])
 with Model.load(path) as model, model.context(**ctx_args) as ctx:
-    start = time.perf_counter()
     ctx.decode(tokens)
-    print(json.dumps({"full_s": time.perf_counter() - start}), flush=True)
     reference = ctx.logits()
     ctx.seq_rm(0)
+    # Timed on a second run: the first pays one-time costs (graph allocation), which
+    # made the parent's signal arrive after a faster second run had finished.
+    start = time.perf_counter()
+    ctx.decode(tokens)
+    ctx.seq_rm(0)
+    print(json.dumps({"full_s": time.perf_counter() - start}), flush=True)
+    start = time.perf_counter()
     try:
         ctx.decode(tokens)
         outcome = "completed"
     except KeyboardInterrupt:
         outcome = "KeyboardInterrupt"
+    call_s = time.perf_counter() - start
     kept = ctx.pos_max(0) + 1
-    ctx.decode(tokens[kept:])
+    if kept < len(tokens):
+        ctx.decode(tokens[kept:])
     error = float(np.abs(ctx.logits() - reference).max())
-    print(json.dumps({"outcome": outcome, "kept": kept, "error": error}), flush=True)
+    print(json.dumps({"outcome": outcome, "kept": kept, "error": error, "call_s": call_s}), flush=True)
 """
 
 
@@ -221,7 +228,7 @@ def test_ctrl_c_stops_a_long_decode_within_the_call(interrupt_case, logit_tolera
                              stderr=subprocess.PIPE, text=True)
     try:
         full_s = json.loads(child.stdout.readline())["full_s"]
-        time.sleep(full_s / 4)  # the second decode has started and runs for ~full_s
+        time.sleep(full_s / 4)  # the last decode has started and runs for ~full_s
         child.send_signal(signal.SIGINT)
         out, err = child.communicate(timeout=600)
     finally:
