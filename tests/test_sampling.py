@@ -22,9 +22,9 @@ K = 2  # tokens per run: the joint distribution of the first two
 ALPHA = 0.01  # significance of the test
 
 
-def plain_runs(model, n_runs, temperature, seed, **filters):
+def plain_runs(model, n_runs, temperature, seed, prompt=None, **filters):
     counts = collections.Counter()
-    prompt = model.tokenize(PROMPT)
+    prompt = model.tokenize(PROMPT) if prompt is None else prompt
     with model.context(n_ctx=64, **CTX) as ctx, Sampler(temperature, seed=seed, **filters) as sampler:
         for _ in range(n_runs):
             ctx.seq_rm(0)
@@ -32,11 +32,13 @@ def plain_runs(model, n_runs, temperature, seed, **filters):
     return counts
 
 
-def speculative_runs(model, n_runs, temperature, seed, exact_match=False, **filters):
+def speculative_runs(model, n_runs, temperature, seed, exact_match=False, prompt=None, lookup_ngram=0,
+                     **filters):
     counts = collections.Counter()
-    prompt = model.tokenize(PROMPT)
+    prompt = model.tokenize(PROMPT) if prompt is None else prompt
     with SpeculativeDecoder.create(model, n_ctx=64, n_draft=3, temperature=temperature, seed=seed,
-                                   exact_match=exact_match, **filters, **CTX) as decoder:
+                                   exact_match=exact_match, lookup_ngram=lookup_ngram, **filters,
+                                   **CTX) as decoder:
         for _ in range(n_runs):
             decoder.reset()
             decoder.prefill(prompt)
@@ -136,6 +138,36 @@ def test_speculative_sampling_has_the_distribution_of_plain_sampling(model_path,
     assert accepted > 0.3 and accepted_exact > 0.3
     if fixture:  # target and head both spread: p/q acceptance beats matching a sample
         assert accepted > accepted_exact + 0.1, (accepted, accepted_exact)
+
+
+def test_lookup_drafts_keep_the_distribution_of_plain_sampling(model_path, backend_name):
+    """An n-gram lookup draft is one fixed token per position (a point mass): the target
+    keeps it with probability p(x), else samples p without x. The prompt ends by
+    repeating the start of its own greedy continuation, so every run's first step
+    drafts by lookup, and the target keeps some of those drafts and rejects others."""
+    from pyllama_mtp import Model
+
+    if backend_name != "cpu":
+        pytest.skip(f"backend {backend_name}: 8,000 sampled runs take too long here; the acceptance "
+                    "rule is backend-independent C code, tested on the CPU run")
+
+    n, temperature = 4000, 0.12
+    with Model.load(model_path("qwen35")) as model:
+        with model.context(n_ctx=64, **CTX) as ctx:
+            continuation = list(ctx.generate(PROMPT, max_tokens=6, stop_at_eog=False))
+        prompt = model.tokenize(PROMPT) + continuation + continuation[:2]
+        plain = plain_runs(model, n, temperature, seed=1, prompt=prompt)
+        lookup, stats = speculative_runs(model, n, temperature, seed=2, prompt=prompt, lookup_ngram=2)
+    stat, dof = chi_square(plain, lookup)
+    p = p_value(stat, dof)
+    power_10 = power(plain, n, shift=0.10)
+    print(f"qwen35 T={temperature}, lookup drafts: {len(plain)} outcomes, chi2 {stat:.1f} on {dof} dof, "
+          f"p = {p:.3f} (alpha {ALPHA}); power at 0.10: {power_10:.2f}; {stats.lookup_steps} lookup "
+          f"steps of {stats.steps}, lookup acceptance {stats.lookup_acceptance:.1%}")
+    assert stats.lookup_steps >= n, (stats.lookup_steps, n)
+    assert 0.05 < stats.lookup_acceptance < 0.95, stats.lookup_acceptance
+    assert dof >= 5 and power_10 >= 0.9, (dof, power_10)
+    assert p > ALPHA, (stat, dof, p)
 
 
 @pytest.mark.parametrize("arch", ["qwen35", "glm4moe"])
