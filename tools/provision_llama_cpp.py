@@ -49,12 +49,23 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _outside_build_isolation_env() -> dict[str, str]:
-    """This environment minus what pip's build isolation adds to hide site-packages."""
-    env = dict(os.environ)
-    for name in ("PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONHOME"):
-        env.pop(name, None)
-    return env
+# Variables that would change how the child pip resolves the sdist. Build isolation
+# must stay on (the sdist's build backend is fetched as a wheel into pip's own isolated
+# environment just to read its metadata), and binaries must stay allowed for that backend.
+_CHILD_ENV_DROP = (
+    "PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONHOME",  # what pip's build isolation adds
+    "PIP_NO_BUILD_ISOLATION", "PIP_NO_BINARY", "PIP_ONLY_BINARY", "PIP_REQUIRE_VIRTUALENV",
+    "PIP_NO_DEPS", "PIP_TARGET", "PIP_PREFIX", "PIP_USER",
+)
+
+
+class ProvisionError(Exception):
+    """A failure to report to the user in one line."""
+
+
+def _child_env() -> dict[str, str]:
+    """This environment minus what would break a plain ``pip download`` of the sdist."""
+    return {name: value for name, value in os.environ.items() if name not in _CHILD_ENV_DROP}
 
 
 def pip_command(env: dict[str, str]) -> list[str]:
@@ -75,7 +86,14 @@ def pip_command(env: dict[str, str]) -> list[str]:
         probe = subprocess.run(cmd + ["--version"], capture_output=True, check=False, env=env)
         if probe.returncode == 0:
             return cmd
-    raise SystemExit("provision: pip is needed to fetch the llama.cpp source and was not found")
+    raise ProvisionError("pip is needed to fetch the llama.cpp source and was not found")
+
+
+def _pip_reason(output: str) -> str:
+    """pip's own last error line, for a one-line report."""
+    errors = [line.strip() for line in output.splitlines() if line.strip().startswith("ERROR:")]
+    lines = errors or [line.strip() for line in output.splitlines() if line.strip()]
+    return lines[-1] if lines else "no output"
 
 
 def fetch_sdist() -> Path:
@@ -86,20 +104,32 @@ def fetch_sdist() -> Path:
         return target
     target_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target_dir) as scratch:
-        # --no-build-isolation: pip would otherwise build cmake from source just to
-        # read the sdist's metadata; we never build this sdist, only unpack it.
-        env = _outside_build_isolation_env()
+        # pip prepares an sdist's metadata before saving it, which imports the sdist's
+        # build backend: with build isolation on, and binaries allowed for everything
+        # but the sdist itself, pip brings that backend as a wheel (seconds), in any
+        # fresh environment that has pip and the package index.
+        env = _child_env()
         cmd = pip_command(env) + [
-            "download", "--no-deps", "--no-binary", ":all:", "--no-build-isolation",
-            "--disable-pip-version-check", "-d", scratch, SDIST_REQUIREMENT,
+            "download", "--no-deps", "--no-binary", SDIST_REQUIREMENT.split("==")[0],
+            "--disable-pip-version-check", "--progress-bar", "off", "-d", scratch,
+            SDIST_REQUIREMENT,
         ]
-        print("provision: fetching", SDIST_REQUIREMENT, file=sys.stderr)
-        subprocess.run(cmd, check=True, stdout=sys.stderr, env=env)
+        print("provision: fetching", SDIST_REQUIREMENT, "with pip", file=sys.stderr)
+        done = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
+        if done.returncode != 0:
+            sys.stderr.write(done.stdout + done.stderr)
+            raise ProvisionError(
+                f"could not download {SDIST_REQUIREMENT} from the package index "
+                f"({_pip_reason(done.stdout + done.stderr)}); check the network and pip's "
+                "index settings, or fill vendor/llama.cpp with 'git submodule update --init'"
+            )
         downloaded = Path(scratch) / SDIST_NAME
+        if not downloaded.exists():
+            raise ProvisionError(f"pip reported success but saved no {SDIST_NAME}")
         actual = sha256_of(downloaded)
         if actual != SDIST_SHA256:
-            raise SystemExit(
-                f"provision: {SDIST_NAME} has sha256 {actual}, expected {SDIST_SHA256}; refusing it"
+            raise ProvisionError(
+                f"{SDIST_NAME} has sha256 {actual}, expected {SDIST_SHA256}; refusing it"
             )
         os.replace(downloaded, target)
     return target
@@ -147,9 +177,14 @@ def main(argv: list[str] | None = None) -> int:
     if is_filled(dest):
         print(f"provision: {dest} already holds llama.cpp", file=sys.stderr)
         return 0
-    if dest.exists() and any(dest.iterdir()):
-        raise SystemExit(f"provision: {dest} is neither empty nor a llama.cpp tree; not touching it")
-    extract_tree(fetch_sdist(), dest)
+    try:
+        if dest.exists() and any(dest.iterdir()):
+            raise ProvisionError(f"{dest} is neither empty nor a llama.cpp tree; not touching it")
+        extract_tree(fetch_sdist(), dest)
+    except ProvisionError as error:
+        # One line, recognisable by the CMake step that runs this script.
+        print(f"provision: error: {error}", file=sys.stderr)
+        return 1
     print(f"provision: filled {dest} with llama.cpp {PINNED_COMMIT[:12]}", file=sys.stderr)
     return 0
 
