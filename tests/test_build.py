@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
 import shutil
+import socket
 import subprocess
+import sys
 
 import pytest
 
@@ -47,3 +50,37 @@ def test_vendor_is_a_gitlink_only():
     listed = subprocess.run(["git", "ls-files", "-s", "vendor"], cwd=REPO,
                             capture_output=True, text=True, check=True).stdout.splitlines()
     assert listed == [f"160000 {PINNED} 0\tvendor/llama.cpp"]
+
+
+def test_source_tree_import_says_what_to_run(tmp_path):
+    """The uninstalled source tree on sys.path: one line that says what to run."""
+    if not (REPO / "src" / "pyllama_mtp").is_dir():
+        pytest.skip("not a source checkout")
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    result = subprocess.run([sys.executable, "-c", "import pyllama_mtp"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: pyllama_mtp was imported from its source tree"), result.stderr
+    assert "run 'pip install .'" in last
+
+
+def test_provisioning_reports_an_unreachable_index_in_one_line(tmp_path):
+    """No package index: the provisioning script says so in one line and writes nothing."""
+    script = REPO / "tools" / "provision_llama_cpp.py"
+    if not script.is_file():
+        pytest.skip("not a source checkout")
+    with socket.socket() as probe:  # a loopback port that nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYLLAMA_MTP_CACHE": str(tmp_path / "cache"), "PIP_CONFIG_FILE": os.devnull,
+           "PIP_INDEX_URL": f"http://127.0.0.1:{port}/simple/", "PIP_RETRIES": "0", "PIP_TIMEOUT": "5"}
+    dest = tmp_path / "llama.cpp"
+    result = subprocess.run([sys.executable, str(script), "--dest", str(dest)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("provision: error: could not download llama-cpp-python==0.3.36 "
+                           "from the package index ("), result.stderr
+    assert not dest.exists()
+    assert not list((tmp_path / "cache").rglob("*.tar.gz"))

@@ -2,7 +2,7 @@
 """Generate the C source of the cffi extension ``pyllama_mtp._cffi``.
 
 CMake runs this at build time and compiles the output against the real llama.cpp
-and shim headers (cffi API mode), so a declaration in ``pyllama_mtp/_cdefs`` that
+and shim headers (cffi API mode), so a declaration in ``src/pyllama_mtp/_cdefs`` that
 disagrees with its header is a compile error, not a crash at run time.
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import cffi
 
-CDEFS_DIR = Path(__file__).resolve().parent.parent / "pyllama_mtp" / "_cdefs"
+CDEFS_DIR = Path(__file__).resolve().parent.parent / "src" / "pyllama_mtp" / "_cdefs"
 # Explicit order: later files use types declared by earlier ones.
 CDEF_FILES = ("ggml.h", "llama.h", "shim.h", "callbacks.h")
 

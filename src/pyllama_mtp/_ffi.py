@@ -9,9 +9,22 @@ ggml logging into the :mod:`logging` module under ``pyllama_mtp.llama_cpp``.
 from __future__ import annotations
 
 import logging
+import os
 
-from ._cffi import ffi, lib
 from ._version import __version__
+
+try:
+    from ._cffi import ffi, lib
+except ModuleNotFoundError as missing:
+    if missing.name != f"{__package__}._cffi":
+        raise
+    # A source checkout on sys.path (PYTHONPATH=src, or an IDE) has no compiled part.
+    source_tree = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    raise ImportError(
+        f"pyllama_mtp was imported from its source tree ({source_tree}), which "
+        "has no compiled extension: run 'pip install .' in the repository root and import "
+        "the installed package"
+    ) from None
 
 __all__ = ["ffi", "lib", "llama_logger"]
 
