@@ -84,23 +84,25 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    make = getattr(fixtures, "make_demo_model", None)
+    """Plain greedy decoding, then MTP, on the project's own model: same text, two speeds."""
     print("making the demo model (cached after the first run)...", file=sys.stderr)
-    path = make() if make else fixtures.make_model("qwen35", acceptance=0.75)
+    path = fixtures.make_demo_model()
     args.temp = 0.0
     with Model.load(path, progress=_progress_bar("loading")) as model:
         print(f"demo model: {model.architecture}, {model.n_params / 1e6:.1f} M parameters, "
               f"{model.n_layer_nextn} MTP block(s); {path}", file=sys.stderr)
         prompt_tokens = model.tokenize(args.prompt)
-        plain_tokens, plain_rate = _decode_plain(model, args, prompt_tokens, echo=False)
-        print(args.prompt, end="")
+        print(f"\nplain decoding:\n{args.prompt}", end="")
+        plain_tokens, plain_rate = _decode_plain(model, args, prompt_tokens, echo=True)
+        print(f"\nMTP speculative decoding (n_draft {args.draft}):\n{args.prompt}", end="")
         mtp_tokens, mtp_rate, stats = _decode_mtp(model, args, prompt_tokens, echo=True)
     same = "identical to" if mtp_tokens == plain_tokens else "DIFFERENT from"
     speedup = mtp_rate / plain_rate if plain_rate else 0.0
-    print(f"\nplain decoding: {plain_rate:.1f} tokens/s\n"
-          f"MTP (n_draft={args.draft}): {mtp_rate:.1f} tokens/s, {speedup:.2f}x; acceptance "
-          f"{stats.acceptance:.1%}, mean accepted length {stats.mean_accepted_length:.2f}; "
-          f"output {same} plain greedy decoding")
+    print(f"\n{'':16}{'tokens/s':>9}{'speed-up':>10}  acceptance\n"
+          f"{'plain':16}{plain_rate:9.1f}{1.0:9.2f}x\n"
+          f"{f'MTP, n_draft {args.draft}':16}{mtp_rate:9.1f}{speedup:9.2f}x  {stats.acceptance:.1%} "
+          f"(mean accepted length {stats.mean_accepted_length:.2f})\n"
+          f"MTP output ({len(mtp_tokens)} tokens): {same} plain greedy decoding")
     return 0 if mtp_tokens == plain_tokens else 1
 
 
