@@ -48,7 +48,7 @@ def native_tool(name: str) -> pathlib.Path | None:
 def benchmark_model(args) -> pathlib.Path:
     if args.model:
         return pathlib.Path(args.model)
-    cache = fixtures._cache_dir(None)
+    cache = fixtures.default_cache_dir()
     source = fixtures.make_demo_model() if args.quick else fixtures.make_model(
         **FULL_MODEL, eps=fixtures.DEMO_EPS_TABLE[4][0] * 1.06)
     if args.ftype == "f32":

@@ -94,7 +94,7 @@ def test_several_mtp_blocks_are_refused_not_fatal(model_path, arch):
 def test_demo_model_settings(monkeypatch, tmp_path):
     """make_demo_model's arguments (the 536 MB file itself is not written here)."""
     seen = {}
-    monkeypatch.setattr(fixtures, "make_model", lambda **kw: seen.update(kw) or tmp_path / "x.gguf")
+    monkeypatch.setattr(fixtures.generator, "make_model", lambda **kw: seen.update(kw) or tmp_path / "x.gguf")
     assert fixtures.make_demo_model(cache_dir=tmp_path) == tmp_path / "x.gguf"
     assert seen["arch"] == "qwen35" and seen["n_embd"] == 1024 and seen["n_layer"] == 12
     assert seen["head_dim"] == 64 and seen["ftype"] == "f32" and seen["cache_dir"] == tmp_path
