@@ -8,8 +8,7 @@ import pytest
 import pyllama_mtp
 from pyllama_mtp import InvalidArgumentError, Model, SpeculativeDecoder
 
-PROMPT = "The quick brown fox"
-CTX = dict(n_ctx=512, n_threads=1, flash_attn=False)
+from helpers import EXACT, PROMPT, greedy_reference, plain_greedy
 
 
 def weight_buffers(model) -> set[str]:
@@ -40,30 +39,18 @@ def test_unknown_device_is_rejected(model_path):
         Model.load(model_path("qwen35"), devices=["NoSuchGPU7"])
 
 
-def greedy_with_logits(model, n_tokens):
-    tokens, rows = [], []
-    with model.context(**CTX) as ctx:
-        ctx.decode(model.tokenize(PROMPT))
-        for _ in range(n_tokens):
-            logits = ctx.logits()
-            rows.append(logits)
-            tokens.append(int(np.argmax(logits)))
-            ctx.decode([tokens[-1]])
-    return tokens, rows
-
-
 def test_greedy_tokens_equal_the_cpu_backend(model_path, arch, backend_device, backend_name):
     if backend_name == "cpu":
         pytest.skip("this run is the CPU reference itself")
     path = model_path(arch)
     with Model.load(path, n_gpu_layers=0) as on_cpu:
-        want, want_rows = greedy_with_logits(on_cpu, 200)
+        want = greedy_reference(on_cpu, PROMPT, 200, n_ctx=512)
     with Model.load(path) as on_backend:
-        got, got_rows = greedy_with_logits(on_backend, 200)
-    if got != want:
-        i = next(i for i, (a, b) in enumerate(zip(got, want)) if a != b)
-        delta = float(np.max(np.abs(got_rows[i] - want_rows[i])))
-        pytest.fail(f"{backend_device} diverges from the CPU at token {i}: {got[i]} vs {want[i]}; "
+        got = greedy_reference(on_backend, PROMPT, 200, n_ctx=512)
+    if got.tokens != want.tokens:
+        i = next(i for i, (a, b) in enumerate(zip(got.tokens, want.tokens)) if a != b)
+        delta = float(np.max(np.abs(got.logits[i] - want.logits[i])))
+        pytest.fail(f"{backend_device} diverges from the CPU at token {i}: {got.tokens[i]} vs {want.tokens[i]}; "
                     f"max |logit difference| there {delta:.4g}")
 
 
@@ -71,8 +58,7 @@ def test_mtp_layers_on_another_device(model_path, arch):
     """The draft (MTP layers) on the CPU while the trunk is wherever the run puts it."""
     path = model_path(arch)
     with Model.load(path, mtp_device="CPU") as model:
-        with model.context(n_ctx=1024, n_threads=1, flash_attn=False) as ctx:
-            expected = list(ctx.generate(PROMPT, max_tokens=150, stop_at_eog=False))
-        with SpeculativeDecoder.create(model, n_ctx=1024, n_draft=3, n_threads=1, flash_attn=False) as dec:
+        expected = plain_greedy(model, PROMPT, 150, n_ctx=1024)
+        with SpeculativeDecoder.create(model, n_ctx=1024, n_draft=3, **EXACT) as dec:
             assert list(dec.generate(PROMPT, max_tokens=150, stop_at_eog=False)) == expected
             assert dec.stats.accepted > 0

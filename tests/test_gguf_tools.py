@@ -11,8 +11,8 @@ import pytest
 
 from pyllama_mtp import InvalidArgumentError, Model, ModelLoadError, SpeculativeDecoder, gguf_tools
 
-PROMPT = "The quick brown fox"
-CTX = dict(n_threads=1, flash_attn=False)
+from helpers import EXACT as CTX
+from helpers import PROMPT, plain_greedy
 
 
 def greedy_with_mtp(path, n_tokens=150):
@@ -23,8 +23,8 @@ def greedy_with_mtp(path, n_tokens=150):
 
 
 def plain(path, n_tokens=150):
-    with Model.load(path) as model, model.context(n_ctx=512, **CTX) as ctx:
-        return list(ctx.generate(PROMPT, max_tokens=n_tokens, stop_at_eog=False))
+    with Model.load(path) as model:
+        return plain_greedy(model, PROMPT, n_tokens)
 
 
 def tensors(path):

@@ -8,7 +8,8 @@ import pytest
 from pyllama_mtp import Model, SpeculativeDecoder
 from pyllama_mtp.lookup import LookupStats, generate_with_lookup, lookup_draft
 
-CTX = dict(n_threads=1, flash_attn=False)
+from helpers import EXACT as CTX
+from helpers import plain_greedy
 
 
 def test_lookup_draft_finds_the_latest_continuation():
@@ -26,8 +27,7 @@ def test_lookup_and_mtp_drafts_are_lossless(model_path, arch, backend_name):
     with Model.load(model_path(arch)) as model:
         # A prompt that repeats itself, as code and quotations do.
         prompt = model.tokenize("def add(a, b):\n    return a + b\n\n" * 6 + "def add(a, b):\n")
-        with model.context(n_ctx=1024, **CTX) as ctx:
-            expected = list(ctx.generate(prompt, max_tokens=200, stop_at_eog=False))
+        expected = plain_greedy(model, prompt, 200, n_ctx=1024)
         stats = LookupStats()
         with SpeculativeDecoder.create(model, n_ctx=1024, n_draft=8, **CTX) as decoder:
             produced = list(generate_with_lookup(decoder, prompt, max_tokens=200, stats=stats))
@@ -47,8 +47,7 @@ def test_native_lookup_matches_the_python_policy(model_path, arch, backend_name)
         pytest.skip(f"backend {backend_name}: exact token equality is checked on the CPU run")
     with Model.load(model_path(arch)) as model:
         prompt = model.tokenize(REPETITIVE)
-        with model.context(n_ctx=1024, **CTX) as ctx:
-            expected = list(ctx.generate(prompt, max_tokens=200, stop_at_eog=False))
+        expected = plain_greedy(model, prompt, 200, n_ctx=1024)
         python_stats = LookupStats()
         with SpeculativeDecoder.create(model, n_ctx=1024, n_draft=8, **CTX) as decoder:
             by_python = list(generate_with_lookup(decoder, prompt, max_tokens=200, n_mtp=3, stats=python_stats))
@@ -72,10 +71,7 @@ def test_native_lookup_with_adaptive_drafting_and_several_sequences(model_path, 
         pytest.skip(f"backend {backend_name}: exact token equality is checked on the CPU run")
     with Model.load(model_path(arch)) as model:
         prompts = [REPETITIVE, "Once upon a time"]
-        expected = []
-        for prompt in prompts:
-            with model.context(n_ctx=512, **CTX) as ctx:
-                expected.append(list(ctx.generate(prompt, max_tokens=120, stop_at_eog=False)))
+        expected = [plain_greedy(model, prompt, 120) for prompt in prompts]
         with SpeculativeDecoder.create(model, n_ctx=512, n_seq_max=2, n_draft=3, adaptive=True,
                                        lookup_ngram=2, lookup_max=6, **CTX) as decoder:
             outputs = decoder.generate_many(prompts, max_tokens=120, stop_at_eog=False)

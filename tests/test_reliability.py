@@ -18,15 +18,15 @@ import time
 import numpy as np
 import pytest
 
+from helpers import EXACT, plain_greedy
 from pyllama_mtp import AbortedError, DecodeTimeoutError, InvalidArgumentError, Model, SpeculativeDecoder
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "import numpy as np", "Dear sir or madam,"]
-CTX = dict(n_ctx=512, n_threads=1, flash_attn=False)
+CTX = dict(n_ctx=512, **EXACT)
 
 
 def solo(model, prompt, n_tokens=80):
-    with model.context(**CTX) as ctx:
-        return list(ctx.generate(prompt, max_tokens=n_tokens, stop_at_eog=False))
+    return plain_greedy(model, prompt, n_tokens)
 
 
 @pytest.fixture

@@ -14,10 +14,11 @@ import math
 import numpy as np
 import pytest
 
+from helpers import EXACT as CTX
+from helpers import plain_greedy
 from pyllama_mtp import InvalidArgumentError, Sampler, SpeculativeDecoder
 
 PROMPT = "Once upon a time"
-CTX = dict(n_threads=1, flash_attn=False)
 K = 2  # tokens per run: the joint distribution of the first two
 ALPHA = 0.01  # significance of the test
 
@@ -153,8 +154,7 @@ def test_lookup_drafts_keep_the_distribution_of_plain_sampling(model_path, backe
 
     n, temperature = 4000, 0.12
     with Model.load(model_path("qwen35")) as model:
-        with model.context(n_ctx=64, **CTX) as ctx:
-            continuation = list(ctx.generate(PROMPT, max_tokens=6, stop_at_eog=False))
+        continuation = plain_greedy(model, PROMPT, 6, n_ctx=64)
         prompt = model.tokenize(PROMPT) + continuation + continuation[:2]
         plain = plain_runs(model, n, temperature, seed=1, prompt=prompt)
         lookup, stats = speculative_runs(model, n, temperature, seed=2, prompt=prompt, lookup_ngram=2)
@@ -221,5 +221,4 @@ def test_sampling_arguments_are_checked(model_path):
         decoder.set_sampling(0.0)
         decoder.reset()
         greedy = list(decoder.generate(PROMPT, max_tokens=30, stop_at_eog=False))
-        with model.context(n_ctx=64, **CTX) as ctx:
-            assert greedy == list(ctx.generate(PROMPT, max_tokens=30, stop_at_eog=False))
+        assert greedy == plain_greedy(model, PROMPT, 30, n_ctx=64)

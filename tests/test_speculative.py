@@ -17,32 +17,10 @@ from pyllama_mtp import (
     SpeculativeDecoder,
 )
 
+from helpers import EXACT as CTX
+from helpers import greedy_reference, plain_greedy
+
 PROMPTS = ["The quick brown fox", "Once upon a time, in a land far away", "import numpy as np\n"]
-# Flash attention on CPU changes logits by up to ~0.3 between batched and single-token
-# evaluation, enough to flip near-ties; the lossless comparison wants exact arithmetic
-# paths, so every context here runs without it (measured: < 4e-3 then).
-CTX = dict(n_threads=1, flash_attn=False)
-
-
-def plain_greedy(model, prompt, n_tokens, n_ctx=2048):
-    with model.context(n_ctx=n_ctx, **CTX) as ctx:
-        return list(ctx.generate(prompt, max_tokens=n_tokens, stop_at_eog=False))
-
-
-def plain_greedy_with_margins(model, prompt, n_tokens, n_ctx=2048):
-    """Greedy tokens and, at each step, the gap between the top two logits."""
-    tokens, margins = [], []
-    with model.context(n_ctx=n_ctx, **CTX) as ctx:
-        ctx.decode(model.tokenize(prompt))
-        for _ in range(n_tokens):
-            logits = ctx.logits()
-            top2 = np.sort(logits)[-2:]
-            tokens.append(int(np.argmax(logits)))
-            margins.append(float(top2[1] - top2[0]))
-            ctx.decode([tokens[-1]])
-    return tokens, margins
-
-
 def assert_same_greedy(got, want, margins, tolerance, what="output"):
     """Token-for-token equality; on a backend whose batched arithmetic differs (Vulkan) a
     divergence is accepted only at a near-tie of the reference (top-2 gap <= 2 x tolerance)."""
@@ -59,7 +37,7 @@ def assert_same_greedy(got, want, margins, tolerance, what="output"):
 @pytest.mark.parametrize("n_draft", [1, 2, 3, 4])
 def test_greedy_mtp_is_lossless(model, arch, n_draft, lossless_tokens):
     """1,000 tokens on the CPU (fewer on software backends: see the run's header)."""
-    expected = plain_greedy(model, PROMPTS[0], lossless_tokens)
+    expected = plain_greedy(model, PROMPTS[0], lossless_tokens, n_ctx=2048)
     with SpeculativeDecoder.create(model, n_ctx=2048, n_draft=n_draft, **CTX) as decoder:
         produced = list(decoder.generate(PROMPTS[0], max_tokens=lossless_tokens, stop_at_eog=False))
         stats = decoder.stats
@@ -100,17 +78,17 @@ def test_rollback_leaves_exactly_the_accepted_state(model, arch, logit_tolerance
 
 def test_several_sequences_match_their_single_runs(model, logit_tolerance, lossless_tokens):
     n_tokens = min(300, lossless_tokens)
-    expected = [plain_greedy_with_margins(model, prompt, n_tokens) for prompt in PROMPTS]
+    expected = [greedy_reference(model, prompt, n_tokens) for prompt in PROMPTS]
     with SpeculativeDecoder.create(model, n_ctx=4096, n_draft=3, n_seq_max=len(PROMPTS), **CTX) as decoder:
         outputs = decoder.generate_many(PROMPTS, max_tokens=n_tokens, stop_at_eog=False)
         assert 0.2 < decoder.stats.acceptance < 0.95
-    for seq, (got, (want, margins)) in enumerate(zip(outputs, expected)):
-        assert_same_greedy(got, want, margins, logit_tolerance, what=f"sequence {seq}")
+    for seq, (got, want) in enumerate(zip(outputs, expected)):
+        assert_same_greedy(got, want.tokens, want.margins, logit_tolerance, what=f"sequence {seq}")
 
 
 def test_custom_policy_through_the_low_level_api(model):
     """draft / verify / accept driven from Python give the same tokens as plain decoding."""
-    expected = plain_greedy(model, PROMPTS[2], 200)
+    expected = plain_greedy(model, PROMPTS[2], 200, n_ctx=2048)
     with SpeculativeDecoder.create(model, n_ctx=1024, n_draft=4, **CTX) as decoder:
         decoder.prefill(PROMPTS[2])
         produced: list[int] = []
@@ -206,7 +184,8 @@ def test_aborted_steps_leave_the_decoder_consistent(model, arch, logit_tolerance
     """A step stopped while drafting, or before its verify batch, changes nothing; the
     drafter's catch-up on a verified batch is never cut (undoing the target's finished
     batch is impossible for recurrent memory). Decoding continues losslessly."""
-    expected, margins = plain_greedy_with_margins(model, PROMPTS[1], 120)
+    reference = greedy_reference(model, PROMPTS[1], 120)
+    expected, margins = reference.tokens, reference.margins
     with SpeculativeDecoder.create(model, n_ctx=512, n_draft=3, **CTX) as decoder:
         decoder.prefill(PROMPTS[1])
         produced = []
@@ -277,7 +256,7 @@ def test_adaptive_drafting_is_lossless_and_drafts_less_when_the_head_is_wrong(mo
     per_step, recent = {}, {}
     for acceptance in (0.95, 0.3):
         with Model.load(model_path("qwen35", acceptance=acceptance)) as model:
-            expected = plain_greedy(model, PROMPTS[0], 300)
+            expected = plain_greedy(model, PROMPTS[0], 300, n_ctx=2048)
             with SpeculativeDecoder.create(model, n_ctx=1024, n_draft=6, adaptive=True, **CTX) as decoder:
                 produced = list(decoder.generate(PROMPTS[0], max_tokens=300, stop_at_eog=False))
                 stats = decoder.stats
@@ -293,7 +272,7 @@ def test_adaptive_policies_are_per_sequence(model, backend_name):
     that starts later has seen fewer steps, and both stay lossless in shared batches."""
     if backend_name != "cpu":
         pytest.skip(f"backend {backend_name}: exact token equality in shared batches is checked on the CPU run")
-    expected = [plain_greedy(model, prompt, 150) for prompt in PROMPTS[:2]]
+    expected = [plain_greedy(model, prompt, 150, n_ctx=2048) for prompt in PROMPTS[:2]]
     with SpeculativeDecoder.create(model, n_ctx=1024, n_seq_max=2, n_draft=5, adaptive=True, **CTX) as decoder:
         outputs = [[], []]
         decoder.prefill(PROMPTS[0], seq_id=0)
