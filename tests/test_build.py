@@ -84,3 +84,57 @@ def test_provisioning_reports_an_unreachable_index_in_one_line(tmp_path):
                            "from the package index ("), result.stderr
     assert not dest.exists()
     assert not list((tmp_path / "cache").rglob("*.tar.gz"))
+
+
+def _package_imports() -> dict[str, set[str]]:
+    """Module -> modules of this package it imports when it runs (``if TYPE_CHECKING:``
+    blocks, which only annotations read, left out), from the installed sources."""
+    import ast
+
+    root = pathlib.Path(pyllama_mtp.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root.parent).with_suffix("").parts
+        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+        package = name if parts[-1] == "__init__" else name.rsplit(".", 1)[0]
+        tree = ast.parse(path.read_text())
+        hidden = {id(node) for block in ast.walk(tree) if isinstance(block, ast.If)
+                  and "TYPE_CHECKING" in ast.unparse(block.test) for node in ast.walk(block)}
+        found = set()
+        for node in ast.walk(tree):
+            if id(node) in hidden or not isinstance(node, (ast.Import, ast.ImportFrom)):
+                continue
+            if isinstance(node, ast.Import):
+                found |= {(alias.name, alias.name) for alias in node.names}
+                continue
+            base = package.split(".")[:len(package.split(".")) - node.level + 1] if node.level else []
+            target = ".".join(base + ([node.module] if node.module else []))
+            # "from X import a": the submodule X.a where there is one, else names of X
+            found |= {(target, f"{target}.{alias.name}") for alias in node.names}
+        graph[name] = found
+    modules = set(graph)
+    return {name: {sub if sub in modules else target for target, sub in found} & modules - {name}
+            for name, found in graph.items()}
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    graph = _package_imports()
+    seen: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(name: str, path: list[str]) -> None:
+        seen[name] = 1
+        for dep in sorted(graph[name]):
+            if seen.get(dep) == 1:
+                cycle = path[path.index(dep):] + [dep] if dep in path else [name, dep]
+                pytest.fail("import circle: " + " -> ".join(cycle))
+            if dep not in seen:
+                visit(dep, path + [dep])
+        seen[name] = 2
+
+    for name in sorted(graph):
+        if name not in seen:
+            visit(name, [name])
+    # and the layers: only the low level (and _ffi itself) reaches the compiled library
+    touching = sorted(name for name, deps in graph.items() if "pyllama_mtp._ffi" in deps)
+    assert all(name.startswith("pyllama_mtp._lowlevel") for name in touching), touching
+

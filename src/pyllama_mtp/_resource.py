@@ -1,20 +1,33 @@
-"""Deterministic release of native resources: ``close()``, ``with``, and a warning ``__del__``."""
+"""Deterministic release of native resources (``close()``, ``with``, a warning ``__del__``),
+the parent/child protocol between them, and the one sanctioned way for the package's own
+layers to reach another object's low-level handle."""
 
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Any
+
+from .errors import ClosedError
 
 
 class Resource:
     """Base of every public object that owns native memory.
 
-    Subclasses implement ``_release()``; ``close()`` calls it once. An object that is
-    garbage-collected while open is released too, with a ``ResourceWarning``, because
-    relying on the collector for native memory (hundreds of MB for a model) is a bug.
+    Subclasses set ``_native`` (their ``_lowlevel`` handle) and implement ``_release()``;
+    ``close()`` calls it once. An object that is garbage-collected while open is
+    released too, with a ``ResourceWarning``, because relying on the collector for
+    native memory (hundreds of MB for a model) is a bug.
+
+    Parents and children: a child holds its parent strongly and registers with
+    :meth:`_adopt`; the parent tracks its children weakly. Closing a parent with open
+    children is deferred (:meth:`_release_when_unused`) until the last child closes,
+    and the parent refuses new children from the moment close was asked for.
     """
 
     _released = True  # until a subclass finishes its __init__
+    _close_requested = False
+    _native: Any = None
 
     def _mark_open(self) -> None:
         self._released = False
@@ -28,6 +41,7 @@ class Resource:
 
     def close(self) -> None:
         """Free the native resources. Safe to call more than once."""
+        self._close_requested = True
         if not self._released:
             self._released = True
             self._release()
@@ -43,3 +57,37 @@ class Resource:
             warnings.warn(f"unclosed {self!r}; call close() or use 'with'",
                           ResourceWarning, source=self, stacklevel=2)
             self.close()
+
+    # -- parent / child ---------------------------------------------------------------
+    def _live_native(self) -> Any:
+        """The native handle, or ClosedError from the moment close() was asked for."""
+        if self._close_requested or self._native is None or self._native.closed:
+            raise ClosedError(f"this {type(self).__name__.lower()} is closed")
+        return self._native
+
+    def _adopt(self, child: "Resource") -> Any:
+        """Register a new child; returns this parent's native handle for it to use."""
+        native = self._live_native()
+        if "_children" not in self.__dict__:
+            self._children: "weakref.WeakSet[Resource]" = weakref.WeakSet()
+        self._children.add(child)
+        return native
+
+    def _child_closed(self, child: "Resource") -> None:
+        self.__dict__.get("_children", set()).discard(child)
+        if self._close_requested and not self._open_children():
+            self._native.free()
+
+    def _open_children(self) -> list["Resource"]:
+        return [child for child in self.__dict__.get("_children", ()) if not child.closed]
+
+    def _release_when_unused(self) -> None:
+        """Free the native handle now, or when the last open child closes."""
+        if not self._open_children():
+            self._native.free()
+
+
+def native_handle(resource: Resource) -> Any:
+    """The ``_lowlevel`` handle of another pyllama_mtp object, for the package's own layers
+    (a decoder driving its contexts, a sampler reading a context's outputs)."""
+    return resource._native

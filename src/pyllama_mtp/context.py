@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
 from . import _lowlevel
-from ._resource import Resource
+from ._resource import Resource, native_handle
 from .errors import InvalidArgumentError, NoMTPError, StateError
-from .model import Model
+from .generation import Sampler, generate
+
+if TYPE_CHECKING:  # annotations only: Model imports this module
+    from .model import Model
 
 IntArray = Union[Sequence[int], np.ndarray]
 
@@ -106,7 +109,7 @@ class Context(Resource):
 
     ``flash_attn``: True, False, or None to let llama.cpp choose per device. ``warmup``
     runs one throw-away decode at creation and empties the memory again, as llama.cpp's
-    own tools do (it leaves no trace; see ``NativeContext._warm_up`` for why it matters).
+    own tools do (it leaves no trace; see :meth:`_warm_up` for why it matters).
 
     All methods are thread-safe: calls on one context are serialised by its lock.
     Use one context per thread for parallel decoding.
@@ -114,7 +117,7 @@ class Context(Resource):
 
     def __init__(
         self,
-        model: Model,
+        model: "Model",
         *,
         n_ctx: int = 2048,
         n_batch: int = 512,
@@ -139,25 +142,48 @@ class Context(Resource):
         for name, value in (("n_threads", n_threads), ("n_threads_batch", n_threads_batch)):
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise InvalidArgumentError(f"{name} must be a positive int, got {value!r}")
-        self._model = model  # strong: a context keeps its model alive
         config = _lowlevel.ContextConfig(
             n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, n_seq_max=n_seq_max,
             n_rs_seq=n_rs_seq, n_threads=n_threads or 0, n_threads_batch=n_threads_batch or 0,
-            embeddings=embeddings, flash_attn=flash_attn, mtp=_mtp_target is not None,
-            warmup=bool(warmup))
+            embeddings=embeddings, flash_attn=flash_attn, mtp=_mtp_target is not None)
         if _mtp_target is not None and not model.mtp_loaded:
             # llama.cpp asserts (kills the process) building an MTP graph without the layers.
             raise NoMTPError("this model has no MTP layers loaded: load a model with MTP layers "
                              "and load_mtp=True to create a draft context")
-        self._native = _lowlevel.NativeContext(
-            model._native_model(), config, _mtp_target._native if _mtp_target is not None else None)
+        self._model = model  # strong: a context keeps its model alive
         self._is_mtp = _mtp_target is not None
         self._embeddings = embeddings
         self._flash_attn = flash_attn
         self._last_outputs = np.zeros(0, dtype=np.int8)
         self._output_offset = 0
-        model._adopt(self)
+        native_model = model._adopt(self)
+        self._native = _lowlevel.NativeContext(
+            native_model, config, _mtp_target._native if _mtp_target is not None else None)
         self._mark_open()
+        # Stop inside a graph only where that is known to be safe: all on the CPU backend
+        # (only it polls the callback; on Vulkan a stop between splits left the device
+        # queue broken and a later step crashed) and no recurrent memory (it cannot undo
+        # a half-run ubatch: upstream restores a stale snapshot). Otherwise between calls.
+        recurrent = not self._is_mtp and (model.is_recurrent or model.is_hybrid)
+        offloaded = any(not entry["buffer_type"].upper().startswith("CPU") for entry in self.memory_breakdown())
+        self._native.between_calls_only = recurrent or offloaded
+        if warmup and not self._is_mtp:
+            try:
+                self._warm_up()
+            except BaseException:
+                self.close()
+                raise
+
+    def _warm_up(self) -> None:
+        """One throw-away decode of [BOS, EOS], then empty memory: what llama.cpp's own
+        tools do on every new context. Without it, the first single-token decode on
+        Mesa's Vulkan device crashed the process for some graphs (glm4moe, 16-dim heads,
+        flash attention; upstream's llama-completion --no-warmup crashes the same way)."""
+        tokens = [t for t in (self._model.bos, self._model.eos) if t >= 0] or [0]
+        self.decode(Batch(tokens, positions=range(len(tokens))))
+        self.clear()
+        self._last_outputs = np.zeros(0, dtype=np.int8)
+        self._native.synchronize()
 
     # -- lifetime ---------------------------------------------------------------------
     def _release(self) -> None:
@@ -165,7 +191,7 @@ class Context(Resource):
         self._model._child_closed(self)
 
     @property
-    def model(self) -> Model:
+    def model(self) -> "Model":
         return self._model
 
     @property
@@ -351,12 +377,14 @@ class Context(Resource):
         return self._native.memory_breakdown()
 
     # -- generation -------------------------------------------------------------------
-    def generate(self, prompt: Union[str, Iterable[int]], *, max_tokens: int = 128,
-                 sampler: Any = None, seq_id: int = 0, stop_at_eog: bool = True,
-                 timeout: Optional[float] = None) -> Any:
-        """Stream generated token ids; see :func:`pyllama_mtp.generation.generate`."""
-        from .generation import generate
+    def sample(self, sampler: Sampler, index: int = -1) -> int:
+        """Choose a token with ``sampler`` from output ``index`` of the last batch."""
+        return native_handle(sampler).sample(self._native, self._output_index(index))
 
+    def generate(self, prompt: Union[str, Iterable[int]], *, max_tokens: int = 128,
+                 sampler: Optional[Sampler] = None, seq_id: int = 0, stop_at_eog: bool = True,
+                 timeout: Optional[float] = None) -> Iterator[int]:
+        """Stream generated token ids; see :func:`pyllama_mtp.generation.generate`."""
         return generate(self, prompt, max_tokens=max_tokens, sampler=sampler,
                         seq_id=seq_id, stop_at_eog=stop_at_eog, timeout=timeout)
 

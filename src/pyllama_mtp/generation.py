@@ -9,7 +9,7 @@ from . import _lowlevel
 from ._resource import Resource
 from .errors import InvalidArgumentError
 
-if TYPE_CHECKING:  # pragma: no cover
+if TYPE_CHECKING:  # annotations only: Context imports this module
     from .context import Context
     from .model import Model
 
@@ -42,7 +42,7 @@ class Sampler(Resource):
 
     def sample(self, context: "Context", index: int = -1) -> int:
         """Choose a token from output ``index`` of the context's last batch."""
-        return self._native.sample(context._native, context._output_index(index))
+        return context.sample(self, index)
 
     def reset(self) -> None:
         self._native.reset()

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import os
-import weakref
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import numpy as np
 
 from . import _lowlevel
 from ._resource import Resource
-from .errors import ClosedError, InvalidArgumentError, ModelLoadError, NoMTPError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .context import Context
+from ._validate import check_gguf_file
+from .context import Context
+from .errors import InvalidArgumentError, ModelLoadError, NoMTPError
 
 ProgressCallback = Callable[[float], Optional[bool]]
 PathLike = Union[str, "os.PathLike[str]"]
@@ -39,8 +37,6 @@ class Model(Resource):
     def __init__(self, native: _lowlevel.NativeModel, path: str, load_mtp: bool) -> None:
         self._native = native
         self._path = path
-        self._children: "weakref.WeakSet[Context]" = weakref.WeakSet()
-        self._close_requested = False
         hp = native.hparams()
         self._hparams = hp
         self._metadata = native.metadata()
@@ -83,8 +79,6 @@ class Model(Resource):
             raise ModelLoadError(f"no such model file: {path_str}")
         if not isinstance(n_gpu_layers, int):
             raise InvalidArgumentError("n_gpu_layers must be an int")
-        from ._validate import check_gguf_file  # local: keeps import time small
-
         info = check_gguf_file(path_str)
         overrides = None
         if mtp_device is not None and load_mtp and info["n_layer_nextn"] > 0:
@@ -97,31 +91,12 @@ class Model(Resource):
         return cls(native, path_str, load_mtp)
 
     # -- lifetime ---------------------------------------------------------------------
-    def _native_model(self) -> _lowlevel.NativeModel:
-        """The native handle, for children being created; refuses after close()."""
-        if self._close_requested or self._native.closed:
-            raise ClosedError("this model is closed")
-        return self._native
-
-    def _adopt(self, child: "Context") -> None:
-        self._children.add(child)
-
-    def _child_closed(self, child: "Context") -> None:
-        self._children.discard(child)
-        if self._close_requested and not self._open_children():
-            self._native.free()
-
-    def _open_children(self) -> list["Context"]:
-        return [child for child in self._children if not child.closed]
-
     def close(self) -> None:
         """Release the weights now, or when the last open context closes."""
-        self._close_requested = True
         super().close()
 
     def _release(self) -> None:
-        if not self._open_children():
-            self._native.free()
+        self._release_when_unused()
 
     # -- properties -------------------------------------------------------------------
     @property
@@ -216,26 +191,27 @@ class Model(Resource):
         return self._hparams["eot"]
 
     # -- vocabulary -------------------------------------------------------------------
+
     def tokenize(self, text: Union[str, bytes], *, add_special: bool = True,
                  parse_special: bool = False) -> list[int]:
         """Text to token ids; ``add_special`` adds BOS/EOS where the model asks for them."""
         data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
-        return self._native_model().tokenize(data, add_special, parse_special).tolist()
+        return self._live_native().tokenize(data, add_special, parse_special).tolist()
 
     def token_to_piece(self, token: int, *, special: bool = False) -> bytes:
         """The bytes of one token (may be part of a UTF-8 character)."""
         self.check_tokens([token])
-        return self._native_model().token_to_piece(int(token), special)
+        return self._live_native().token_to_piece(int(token), special)
 
     def detokenize(self, tokens: Iterable[int], *, remove_special: bool = False,
                    unparse_special: bool = False) -> str:
         array = self.check_tokens(tokens)
-        data = self._native_model().detokenize(array, remove_special, unparse_special)
+        data = self._live_native().detokenize(array, remove_special, unparse_special)
         return data.decode("utf-8", "replace")
 
     def is_eog(self, token: int) -> bool:
         """True for end-of-generation tokens (EOS, EOT, ...)."""
-        return self._native_model().is_eog(int(token))
+        return self._live_native().is_eog(int(token))
 
     def check_tokens(self, tokens: Iterable[int]) -> np.ndarray:
         """Token ids as int32, or InvalidArgumentError naming the first bad one."""
@@ -252,13 +228,11 @@ class Model(Resource):
         return array.astype(np.int32, copy=False)
 
     # -- convenience ------------------------------------------------------------------
-    def context(self, **kwargs: Any) -> "Context":
+    def context(self, **kwargs: Any) -> Context:
         """Create a :class:`~pyllama_mtp.Context` on this model (same arguments)."""
-        from .context import Context
-
         return Context(self, **kwargs)
 
-    def mtp_context(self, target: "Context", *, n_threads: Optional[int] = None) -> "Context":
+    def mtp_context(self, target: Context, *, n_threads: Optional[int] = None) -> Context:
         """Create the MTP draft context for ``target``: the same weights, its own small KV.
 
         No weight is loaded twice: the draft context runs this model's MTP (nextn) layers,
@@ -267,8 +241,6 @@ class Model(Resource):
         Raises:
             NoMTPError: the model has no MTP layers, or was loaded with ``load_mtp=False``.
         """
-        from .context import Context
-
         if target.model is not self:
             raise InvalidArgumentError("the target context belongs to another model")
         if self.n_layer_nextn > 1 and self.architecture in SINGLE_MTP_BLOCK_ARCHES:
@@ -298,7 +270,5 @@ def quantize(source: PathLike, destination: PathLike, ftype: str = "q8_0", *,
         raise InvalidArgumentError(f"unknown quantization {ftype!r}; choose from {', '.join(_lowlevel.QUANT_TYPES)}")
     if not os.path.isfile(source_str):
         raise ModelLoadError(f"no such model file: {source_str}")
-    from ._validate import check_gguf_file
-
     check_gguf_file(source_str)
     _lowlevel.quantize(source_str, destination_str, key, n_threads or _lowlevel.default_threads(), pure)

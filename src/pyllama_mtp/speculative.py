@@ -10,118 +10,18 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
 from . import _lowlevel
-from ._resource import Resource
+from ._resource import Resource, native_handle
 from .adaptive import AdaptiveDraft
 from .context import Context, time_limit
 from .errors import ContextFullError, InvalidArgumentError
+from .stats import MemoryReport, SpeculativeStats
 
 __all__ = ["SpeculativeDecoder", "SpeculativeStats", "MemoryReport"]
-
-
-@dataclass
-class SpeculativeStats:
-    """What a decoder did since creation (or :meth:`SpeculativeDecoder.reset_stats`)."""
-
-    n_draft_max: int
-    steps: int
-    drafted: int
-    accepted: int
-    generated: int
-    drafted_at: list[int] = field(default_factory=list)
-    accepted_at: list[int] = field(default_factory=list)
-    target_s: float = 0.0
-    draft_s: float = 0.0
-    wall_s: float = 0.0
-    lookup_steps: int = 0
-    lookup_drafted: int = 0
-    lookup_accepted: int = 0
-
-    @property
-    def acceptance(self) -> float:
-        """Accepted / drafted tokens."""
-        return self.accepted / self.drafted if self.drafted else 0.0
-
-    @property
-    def acceptance_at(self) -> list[float]:
-        """Acceptance at each draft position (position 0 is the first drafted token)."""
-        return [a / d if d else 0.0 for a, d in zip(self.accepted_at, self.drafted_at)]
-
-    @property
-    def lookup_acceptance(self) -> float:
-        """Accepted / drafted tokens of the steps drafted by n-gram lookup."""
-        return self.lookup_accepted / self.lookup_drafted if self.lookup_drafted else 0.0
-
-    @property
-    def mtp_acceptance(self) -> float:
-        """Accepted / drafted tokens of the steps drafted by the MTP head."""
-        drafted = self.drafted - self.lookup_drafted
-        return (self.accepted - self.lookup_accepted) / drafted if drafted else 0.0
-
-    @property
-    def mean_accepted_length(self) -> float:
-        """Tokens produced per step (accepted drafts + the target's own token)."""
-        return self.generated / self.steps if self.steps else 0.0
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.generated / self.wall_s if self.wall_s > 0 else 0.0
-
-    @property
-    def python_s(self) -> float:
-        """Wall time spent outside llama.cpp's decodes (Python and the C bookkeeping)."""
-        return max(0.0, self.wall_s - self.target_s - self.draft_s)
-
-    def __str__(self) -> str:
-        per_position = " ".join(f"{p:.0%}" for p in self.acceptance_at)
-        lookup = (f"; n-gram lookup drafted {self.lookup_steps} steps, {self.lookup_drafted} tokens, "
-                  f"{self.lookup_acceptance:.1%} accepted; MTP {self.mtp_acceptance:.1%}"
-                  if self.lookup_steps else "")
-        return (
-            f"steps {self.steps}, generated {self.generated}, drafted {self.drafted}, "
-            f"accepted {self.accepted} ({self.acceptance:.1%}; by position {per_position or '-'}{lookup}), "
-            f"mean accepted length {self.mean_accepted_length:.2f}, "
-            f"{self.tokens_per_second:.1f} tokens/s, time: target {self.target_s * 1e3:.1f} ms, "
-            f"draft {self.draft_s * 1e3:.1f} ms, other {self.python_s * 1e3:.1f} ms"
-        )
-
-
-@dataclass
-class MemoryReport:
-    """Bytes that MTP costs, next to what the model costs anyway.
-
-    ``target`` and ``draft`` are :meth:`Context.memory_breakdown` lists (per buffer type,
-    i.e. per device): their ``model`` entries are the *same* shared weights, counted once.
-    """
-
-    mtp_weights: int
-    model_weights: int
-    target: list
-    draft: list
-    recurrent_snapshots: int
-
-    @property
-    def draft_context(self) -> int:
-        """The draft context's own memory: its KV cache and compute buffers."""
-        return sum(entry["context"] + entry["compute"] for entry in self.draft)
-
-    @property
-    def mtp_total(self) -> int:
-        """Everything MTP adds: its weights, the draft context, the rollback snapshots."""
-        return self.mtp_weights + self.draft_context + self.recurrent_snapshots
-
-    def __str__(self) -> str:
-        mib = 1 / (1 << 20)
-        devices = ", ".join(f"{e['buffer_type']}: ctx {e['context'] * mib:.1f} + compute "
-                            f"{e['compute'] * mib:.1f} MiB" for e in self.draft)
-        return (f"MTP costs {self.mtp_total * mib:.1f} MiB: weights {self.mtp_weights * mib:.1f} MiB "
-                f"(of {self.model_weights * mib:.1f} MiB), draft context {self.draft_context * mib:.1f} MiB "
-                f"[{devices}], recurrent snapshots {self.recurrent_snapshots * mib:.1f} MiB")
 
 
 class SpeculativeDecoder(Resource):
@@ -168,7 +68,8 @@ class SpeculativeDecoder(Resource):
                 "(SpeculativeDecoder.create does this)")
         self._target = target
         self._draft_ctx = draft
-        self._native = _lowlevel.NativeSpeculative(target._native, draft._native, target.n_seq_max, max_draft)
+        self._native = _lowlevel.NativeSpeculative(native_handle(target), native_handle(draft), target.n_seq_max,
+                                                   max_draft)
         self.n_draft = min(n_draft, self._native.n_draft_max)
         self.p_min = float(p_min)
         # One adaptive policy per sequence: each learns its own sequence's acceptance.
@@ -303,7 +204,7 @@ class SpeculativeDecoder(Resource):
                                    f"({n_past} of {self._target.n_ctx} positions used)")
         # A recurrent target stops only between calls: feed a long prompt in ubatch-sized
         # calls so cancel, timeouts and Ctrl-C act between them.
-        chunk = self._target.n_ubatch if self._target._native.between_calls_only else len(array)
+        chunk = self._target.n_ubatch if native_handle(self._target).between_calls_only else len(array)
         start = time.perf_counter()
         try:
             for begin in range(0, len(array), chunk):
@@ -412,7 +313,7 @@ class SpeculativeDecoder(Resource):
     def time_limit(self, seconds: Optional[float]) -> "contextlib.AbstractContextManager[None]":
         """``with decoder.time_limit(2.0):`` steps in the block raise
         :class:`DecodeTimeoutError` once 2 s have passed; the decoder stays consistent."""
-        return time_limit((self._target._native, self._draft_ctx._native), seconds)
+        return time_limit((native_handle(self._target), native_handle(self._draft_ctx)), seconds)
 
     # -- low level --------------------------------------------------------------------
     def draft(self, n: Optional[int] = None, seq_id: int = 0) -> list[int]:
@@ -449,7 +350,7 @@ class SpeculativeDecoder(Resource):
     def verified_logits(self, row: int, seq_id: int = 0) -> np.ndarray:
         """Target logits at verify row ``row`` (0: after the pending token) of the last verify."""
         index = self._native.verify_row(self._check_seq(seq_id), row)
-        return self._target._native.logits(index, self._target.model.n_vocab)
+        return native_handle(self._target).logits(index, self._target.model.n_vocab)
 
     def accept(self, n: int, next_token: Optional[int] = None, seq_id: int = 0) -> list[int]:
         """Keep the first ``n`` verified draft tokens; the rest are rolled back everywhere.
@@ -510,14 +411,7 @@ class SpeculativeDecoder(Resource):
     # -- statistics -------------------------------------------------------------------
     @property
     def stats(self) -> SpeculativeStats:
-        raw = self._native.stats()
-        return SpeculativeStats(
-            n_draft_max=raw["n_draft_max"], steps=raw["n_steps"], drafted=raw["n_drafted"],
-            accepted=raw["n_accepted"], generated=raw["n_generated"],
-            drafted_at=raw["drafted_at"], accepted_at=raw["accepted_at"],
-            target_s=raw["t_target_us"] / 1e6, draft_s=raw["t_draft_us"] / 1e6, wall_s=self._wall_s,
-            lookup_steps=raw["n_lookup_steps"], lookup_drafted=raw["n_lookup_drafted"],
-            lookup_accepted=raw["n_lookup_accepted"])
+        return SpeculativeStats.from_counters(self._native.stats(), self._wall_s)
 
     def reset_stats(self) -> None:
         self._native.reset_stats()

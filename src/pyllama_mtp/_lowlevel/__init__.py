@@ -1,0 +1,37 @@
+"""The low-level layer: thin wrappers over the C API, one module per topic.
+
+Only this package and ``_ffi`` touch ``lib``. It knows nothing of Python-level lifetimes
+(parents, children, ``with``) nor of policies (warm-up, when a context may be stopped):
+that is the public layer's job. Each ``Native*`` class owns one pointer, frees it exactly
+once, and serialises every call on it with its own lock, because llama.cpp objects are
+not thread-safe. Lock order, where a call needs several: speculative driver, then its
+target context, then its draft context; a sampler before its context.
+"""
+
+from __future__ import annotations
+
+from .context import ContextConfig, NativeContext
+from .interrupt import monotonic_us
+from .model import NativeModel
+from .sampler import NativeSampler
+from .speculative import PMTP_MAX_DRAFT_CAPACITY, NativeSpeculative
+from .status import check_status
+from .system import (
+    QUANT_TYPES,
+    DeviceInfo,
+    add_rpc_server,
+    compiled_backends,
+    cpu_features,
+    default_threads,
+    devices,
+    llama_commit,
+    quantize,
+    shim_version,
+)
+
+__all__ = [
+    "ContextConfig", "NativeContext", "NativeModel", "NativeSampler", "NativeSpeculative",
+    "PMTP_MAX_DRAFT_CAPACITY", "QUANT_TYPES", "DeviceInfo", "add_rpc_server", "check_status",
+    "compiled_backends", "cpu_features", "default_threads", "devices", "llama_commit",
+    "monotonic_us", "quantize", "shim_version",
+]
