@@ -117,14 +117,14 @@ typedef struct pmtp_memory_entry {
 PMTP_API int32_t pmtp_memory_breakdown(const struct llama_context * ctx,
                                        pmtp_memory_entry * out, int32_t capacity);
 
-/* ---- MTP speculative decoding (csrc/speculative.cpp) ----
+/* ---- MTP speculative decoding (csrc/speculative.cpp, spec_*.cpp) ----
  *
  * One pmtp_spec drives n_seq sequences of a target context and its MTP draft context
  * (created from the same model with ctx_type = LLAMA_CONTEXT_TYPE_MTP). Per sequence it
  * keeps id_last (the newest token, sampled but not yet evaluated by the target) and the
  * target hidden row that the MTP head pairs with it.
  *
- * High level: pmtp_spec_step() = draft + verify + greedy accept + rollback, one call.
+ * High level: pmtp_spec_step_each() = draft + verify + accept + rollback, one call.
  * Low level:  pmtp_spec_draft() / pmtp_spec_set_draft(), pmtp_spec_verify(),
  *             pmtp_spec_target_choices(), pmtp_spec_accept(): the same guarantees, with
  *             the acceptance rule left to the caller.
@@ -161,7 +161,7 @@ PMTP_API void        pmtp_spec_free(pmtp_spec * spec);
  * completed batch is impossible for recurrent memory. A stop takes effect at the next draft. */
 PMTP_API void        pmtp_spec_set_draft_abort_state(pmtp_spec * spec, pmtp_abort_state * state);
 
-/* How pmtp_spec_step picks tokens. temperature <= 0: greedy (argmax) drafts and
+/* How pmtp_spec_step_each picks tokens. temperature <= 0: greedy (argmax) drafts and
  * verification, the default. temperature > 0: drafts are sampled from the MTP head's
  * distribution q and accepted with probability min(1, p/q) against the target's p, with a
  * draw from the residual max(0, p - q) on rejection (speculative sampling): the output
@@ -177,7 +177,7 @@ typedef struct pmtp_sampling_params {
     int32_t  exact_match;
 } pmtp_sampling_params;
 PMTP_API int32_t pmtp_spec_set_sampling(pmtp_spec * spec, const pmtp_sampling_params * params);
-/* n-gram lookup drafts in pmtp_spec_step. ngram > 0: when the sequence's last ngram
+/* n-gram lookup drafts in pmtp_spec_step_each. ngram > 0: when the sequence's last ngram
  * tokens occurred earlier in it and at least min_tokens tokens followed there, those
  * tokens (up to max_tokens; 0 = n_draft_max) are the step's draft instead of the MTP
  * head's. They are verified like any draft (point-mass q when sampling): lossless.
@@ -212,11 +212,9 @@ PMTP_API int32_t pmtp_spec_target_choices(const pmtp_spec * spec, llama_seq_id s
 PMTP_API int32_t pmtp_spec_verify_row(const pmtp_spec * spec, llama_seq_id seq, int32_t row);
 /* Keep n_accepted draft tokens, make `next` the pending token, roll back the rest. */
 PMTP_API int32_t pmtp_spec_accept(pmtp_spec * spec, llama_seq_id seq, int32_t n_accepted, llama_token next);
-/* One whole greedy step for every active sequence. out_tokens: n_seq rows of
- * (n_draft_max + 1); out_counts[seq]: tokens produced (accepted drafts + 1). */
-PMTP_API int32_t pmtp_spec_step(pmtp_spec * spec, int32_t n_draft, float p_min,
-                                llama_token * out_tokens, int32_t * out_counts);
-/* The same with a draft length per sequence (n_draft[seq] >= 0); out_drafted (may be
+/* One whole step for every active sequence, with a draft length per sequence
+ * (n_draft[seq] >= 0). out_tokens: n_seq rows of (n_draft_max + 1); out_counts[seq]:
+ * tokens produced (accepted drafts + 1); out_drafted (may be
  * NULL) receives each sequence's verified draft length, or -(length + 1) when the draft
  * came from n-gram lookup. */
 PMTP_API int32_t pmtp_spec_step_each(pmtp_spec * spec, const int32_t * n_draft, float p_min,

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Fill ``vendor/llama.cpp`` with the pinned llama.cpp tree, without GitHub.
 
-The pinned commit is the one that the ``llama-cpp-python==0.3.36`` sdist on the
+The pinned commit is the one that the ``llama-cpp-python`` sdist (version below) on the
 Python package index carries under ``vendor/llama.cpp/``. This script fetches that
 sdist with pip's normal client, checks its sha256, and extracts only that folder.
 The sdist is cached (``$PYLLAMA_MTP_CACHE`` or ``~/.cache/pyllama_mtp``) so the
@@ -24,11 +24,14 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+# The one place the pin is written (CMakeLists.txt and the tests read it from here; the
+# submodule's gitlink must agree, which a test checks).
 PINNED_COMMIT = "0c1e57098bba43ac29e6e3b677cdceebdd22334f"
-SDIST_REQUIREMENT = "llama-cpp-python==0.3.36"
-SDIST_NAME = "llama_cpp_python-0.3.36.tar.gz"
+SDIST_VERSION = "0.3.36"
+SDIST_REQUIREMENT = f"llama-cpp-python=={SDIST_VERSION}"
+SDIST_NAME = f"llama_cpp_python-{SDIST_VERSION}.tar.gz"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
-TREE_PREFIX = "llama_cpp_python-0.3.36/vendor/llama.cpp/"
+TREE_PREFIX = f"llama_cpp_python-{SDIST_VERSION}/vendor/llama.cpp/"
 # Written into the filled tree so a later run (and the build) can tell what is there.
 STAMP_NAME = ".pyllama_mtp-provenance"
 

@@ -1,0 +1,158 @@
+// One whole speculative step for every active sequence: n-gram lookup or MTP drafts,
+// one verify batch, then the acceptance rule (greedy, speculative sampling or exact
+// match) and the rollback of what was rejected.
+
+#include "spec_internal.h"
+#include "sampling.h"
+
+#include <algorithm>
+
+namespace pmtp::spec {
+namespace {
+
+// Speculative sampling over one sequence's verified rows: returns the token that follows
+// the k accepted drafts. Rule (Leviathan et al. 2023; Chen et al. 2023): accept draft x
+// at row i with probability min(1, p_i(x) / q_i(x)); on rejection draw from
+// norm(max(0, p_i - q_i)); after k = all, draw the bonus token from p_k. The output then
+// has exactly plain sampling's distribution. With exact_match the target samples each row
+// itself and a draft token stays only if it equals that sample.
+llama_token sampled_acceptance(pmtp_spec & s, const pmtp_seq & q, int32_t & k) {
+    const int32_t n_vocab = s.n_vocab;
+    const int32_t n_draft = (int32_t) q.draft.size();
+    for (k = 0; k <= n_draft; k++) {
+        const float * logits = llama_get_logits_ith(s.tgt, q.verify_beg + k);
+        pmtp::sampling_probs(logits, n_vocab, s.sampling, s.probs, s.order);
+        if (k == n_draft) {
+            break;  // every draft accepted: the bonus token comes from p
+        }
+        const llama_token x = q.draft[k];
+        if (s.sampling.exact_match) {
+            const llama_token t = pmtp::sample_index(s.probs, s.rng);
+            if (t != x) {
+                return t;
+            }
+            continue;
+        }
+        const float * q_row = q.draft_q.empty() ? nullptr : q.draft_q.data() + (size_t) k * n_vocab;
+        const double q_x = q_row ? q_row[x] : 1.0;
+        if (q_x > 0.0 && pmtp::uniform01(s.rng) * q_x < s.probs[x]) {
+            continue;  // accepted with probability min(1, p(x) / q(x))
+        }
+        s.residual.resize(n_vocab);
+        double mass = 0.0;
+        for (int32_t j = 0; j < n_vocab; j++) {
+            const float q_j = q_row ? q_row[j] : (j == x ? 1.0f : 0.0f);
+            s.residual[j] = std::max(0.0f, s.probs[j] - q_j);
+            mass += s.residual[j];
+        }
+        // p == q up to rounding leaves no residual mass: p itself is then the residual.
+        return pmtp::sample_index(mass > 0.0 ? s.residual : s.probs, s.rng);
+    }
+    return pmtp::sample_index(s.probs, s.rng);
+}
+
+// The tokens that followed the most recent earlier occurrence of the sequence's last
+// `ngram` tokens, at most max_tokens of them (empty when the n-gram never occurred).
+void lookup_draft(const std::vector<llama_token> & history, int32_t ngram, int32_t max_tokens,
+                  std::vector<llama_token> & out) {
+    out.clear();
+    const int64_t n = (int64_t) history.size();
+    if (ngram <= 0 || max_tokens <= 0 || n <= ngram) {
+        return;
+    }
+    const llama_token * key = history.data() + (n - ngram);
+    for (int64_t start = n - ngram - 1; start >= 0; start--) {
+        if (std::equal(key, key + ngram, history.data() + start)) {
+            const int64_t from = start + ngram;
+            const int64_t to = std::min(n, from + (int64_t) max_tokens);
+            out.assign(history.begin() + from, history.begin() + to);
+            return;
+        }
+    }
+}
+
+// A sequence whose last n-gram occurred before, followed by at least min_tokens tokens,
+// takes those as its draft (up to max_tokens, the context permitting) and skips MTP
+// drafting this step (limits[seq] = -1). Returns how many sequences did.
+int32_t lookup_drafts(pmtp_spec & s, int32_t n_ctx, std::vector<int32_t> & limits) {
+    int32_t n_lookups = 0;
+    std::vector<llama_token> found;
+    for (llama_seq_id seq = 0; seq < s.n_seq; seq++) {
+        pmtp_seq & q = s.seqs[seq];
+        const int32_t room = n_ctx - 1 - q.n_past;
+        const int32_t longest = std::min({s.lookup.max_tokens > 0 ? s.lookup.max_tokens : s.n_draft_max,
+                                          s.n_draft_max, room});
+        if (!q.active || longest < s.lookup.min_tokens) {
+            continue;
+        }
+        lookup_draft(q.history, s.lookup.ngram, longest, found);
+        if ((int32_t) found.size() >= s.lookup.min_tokens) {
+            q.draft = found;
+            q.draft_p.assign(found.size(), 1.0f);
+            q.draft_q.clear();  // a point mass: min(1, p/q) = p(x), still lossless
+            q.draft_from_lookup = true;
+            s.stats.n_drafted += (int64_t) found.size();
+            limits[seq] = -1;
+            n_lookups++;
+        }
+    }
+    return n_lookups;
+}
+
+}  // namespace
+
+int32_t step_each(pmtp_spec & s, const int32_t * n_draft_each, float p_min, llama_token * out_tokens,
+                  int32_t * out_counts, int32_t * out_drafted) {
+    const int32_t stride = s.n_draft_max + 1;
+    std::vector<int32_t> limits(s.n_seq);
+    const int32_t n_ctx = (int32_t) llama_n_ctx_seq(s.tgt);
+    int32_t n_draft = 0;  // the longest MTP draft asked for
+    for (llama_seq_id seq = 0; seq < s.n_seq; seq++) {
+        out_counts[seq] = 0;
+        if (out_drafted) {
+            out_drafted[seq] = 0;
+        }
+        // Never draft past the end of the context: the verify batch must fit.
+        limits[seq] = std::max(0, std::min({n_draft_each[seq], s.n_draft_max, n_ctx - 1 - s.seqs[seq].n_past}));
+        n_draft = std::max(n_draft, limits[seq]);
+    }
+    const int32_t n_lookups = s.lookup.ngram > 0 ? lookup_drafts(s, n_ctx, limits) : 0;
+    int32_t st = n_draft > 0 && n_lookups < s.n_seq ? draft(s, limits.data(), p_min) : PMTP_OK;
+    if (st != PMTP_OK) {
+        return st;
+    }
+    st = verify(s);
+    if (st != PMTP_OK) {
+        return st;
+    }
+    for (llama_seq_id seq = 0; seq < s.n_seq; seq++) {
+        pmtp_seq & q = s.seqs[seq];
+        if (!q.active || q.verify_rows <= 0) {
+            continue;
+        }
+        int32_t k = 0;
+        llama_token next;
+        if (s.sampled()) {
+            next = sampled_acceptance(s, q, k);
+        } else {
+            while (k < (int32_t) q.draft.size() && q.verify_choice[k] == q.draft[k]) {
+                k++;
+            }
+            next = q.verify_choice[k];
+        }
+        llama_token * out = out_tokens + (size_t) seq * stride;
+        std::copy(q.draft.begin(), q.draft.begin() + k, out);
+        out[k] = next;
+        out_counts[seq] = k + 1;
+        if (out_drafted) {
+            out_drafted[seq] = q.draft_from_lookup ? -(int32_t) q.draft.size() - 1 : (int32_t) q.draft.size();
+        }
+        st = accept(s, seq, k, next);
+        if (st != PMTP_OK) {
+            return st;
+        }
+    }
+    return PMTP_OK;
+}
+
+}  // namespace pmtp::spec
