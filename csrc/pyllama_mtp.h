@@ -94,17 +94,6 @@ PMTP_API uint64_t pmtp_sigint_watch_begin(void);
 PMTP_API void     pmtp_sigint_watch_end(void);
 PMTP_API uint64_t pmtp_sigint_count(void);
 
-/* ---- extern "C" wrappers of the staging API (src/llama-ext.h) ---- */
-
-/* Make the context output the nextn ("MTP") hidden rows; masked: only for output tokens. */
-PMTP_API void    pmtp_set_embeddings_nextn(struct llama_context * ctx, bool value, bool masked);
-/* Hidden row of output i of the last decode, n_embd floats; NULL when unavailable. */
-PMTP_API float * pmtp_get_embeddings_nextn_ith(struct llama_context * ctx, int32_t i);
-/* Which appended NextN block an MTP context runs (chained heads, e.g. step35). */
-PMTP_API void    pmtp_set_nextn_layer_offset(struct llama_context * ctx, int32_t offset);
-/* The context given as ctx_other at creation (a drafter sharing the target's KV), or NULL. */
-PMTP_API struct llama_context * pmtp_get_ctx_other(struct llama_context * ctx);
-
 /* One entry of a context's memory breakdown: bytes per buffer type. */
 typedef struct pmtp_memory_entry {
     char     buffer_type[64];

@@ -56,6 +56,15 @@ int32_t pmtp_status_from_decode(int32_t rc) {
     }
 }
 
+float * pmtp_get_embeddings_nextn_ith(llama_context * ctx, int32_t i) {
+    // Upstream throws (and logs) on a bad index; the speculative step gets NULL instead.
+    try {
+        return llama_get_embeddings_nextn_ith(ctx, i);
+    } catch (const std::exception &) {
+        return nullptr;
+    }
+}
+
 extern "C" {
 
 int32_t pmtp_decode_tokens(llama_context * ctx, int32_t n, const llama_token * tokens,
@@ -89,27 +98,6 @@ int32_t pmtp_decode_tokens(llama_context * ctx, int32_t n, const llama_token * t
     } catch (const std::exception &) {
         return PMTP_ERR_INTERNAL;
     }
-}
-
-void pmtp_set_embeddings_nextn(llama_context * ctx, bool value, bool masked) {
-    llama_set_embeddings_nextn(ctx, value, masked);
-}
-
-float * pmtp_get_embeddings_nextn_ith(llama_context * ctx, int32_t i) {
-    // Upstream throws (and logs) on a bad index; a C caller gets NULL instead.
-    try {
-        return llama_get_embeddings_nextn_ith(ctx, i);
-    } catch (const std::exception &) {
-        return nullptr;
-    }
-}
-
-void pmtp_set_nextn_layer_offset(llama_context * ctx, int32_t offset) {
-    llama_set_nextn_layer_offset(ctx, offset);
-}
-
-llama_context * pmtp_get_ctx_other(llama_context * ctx) {
-    return llama_get_ctx_other(ctx);
 }
 
 int32_t pmtp_memory_breakdown(const llama_context * ctx, pmtp_memory_entry * out, int32_t capacity) {

@@ -116,7 +116,6 @@ struct llama_sampler_chain_params llama_sampler_chain_default_params(void);
 /* Model */
 struct llama_model_quantize_params llama_model_quantize_default_params(void);
 uint32_t llama_model_quantize(const char * fname_inp, const char * fname_out, const llama_model_quantize_params * params);
-enum llama_ftype llama_model_ftype(const struct llama_model * model);
 struct llama_model * llama_model_load_from_file(const char * path_model, struct llama_model_params params);
 void     llama_model_free(struct llama_model * model);
 const struct llama_vocab * llama_model_get_vocab(const struct llama_model * model);
@@ -134,7 +133,6 @@ int32_t  llama_model_desc(const struct llama_model * model, char * buf, size_t b
 int32_t  llama_model_meta_count(const struct llama_model * model);
 int32_t  llama_model_meta_key_by_index(const struct llama_model * model, int32_t i, char * buf, size_t buf_size);
 int32_t  llama_model_meta_val_str_by_index(const struct llama_model * model, int32_t i, char * buf, size_t buf_size);
-int32_t  llama_model_meta_val_str(const struct llama_model * model, const char * key, char * buf, size_t buf_size);
 
 /* Vocabulary */
 int32_t     llama_vocab_n_tokens(const struct llama_vocab * vocab);
@@ -161,10 +159,7 @@ uint32_t llama_n_seq_max(const struct llama_context * ctx);
 uint32_t llama_n_rs_seq(const struct llama_context * ctx);
 llama_memory_t llama_get_memory(const struct llama_context * ctx);
 void     llama_set_n_threads(struct llama_context * ctx, int32_t n_threads, int32_t n_threads_batch);
-void     llama_set_embeddings(struct llama_context * ctx, bool embeddings);
-void     llama_set_abort_callback(struct llama_context * ctx, ggml_abort_callback abort_callback, void * abort_callback_data);
 void     llama_synchronize(struct llama_context * ctx);
-int32_t  llama_decode(struct llama_context * ctx, struct llama_batch batch);
 float *  llama_get_logits_ith(struct llama_context * ctx, int32_t i);
 float *  llama_get_embeddings_ith(struct llama_context * ctx, int32_t i);
 
@@ -191,6 +186,5 @@ struct llama_sampler * llama_sampler_init_top_p(float p, size_t min_keep);
 struct llama_sampler * llama_sampler_init_min_p(float p, size_t min_keep);
 struct llama_sampler * llama_sampler_init_temp(float t);
 llama_token            llama_sampler_sample(struct llama_sampler * smpl, struct llama_context * ctx, int32_t idx);
-void                   llama_sampler_accept(struct llama_sampler * smpl, llama_token token);
 void                   llama_sampler_reset(struct llama_sampler * smpl);
 void                   llama_sampler_free(struct llama_sampler * smpl);

@@ -30,10 +30,6 @@ void     pmtp_sigint_watch_end(void);
 uint64_t pmtp_sigint_count(void);
 
 
-void    pmtp_set_embeddings_nextn(struct llama_context * ctx, bool value, bool masked);
-float * pmtp_get_embeddings_nextn_ith(struct llama_context * ctx, int32_t i);
-void    pmtp_set_nextn_layer_offset(struct llama_context * ctx, int32_t offset);
-struct llama_context * pmtp_get_ctx_other(struct llama_context * ctx);
 
 typedef struct pmtp_memory_entry {
     char     buffer_type[64];

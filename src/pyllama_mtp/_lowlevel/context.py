@@ -136,25 +136,10 @@ class NativeContext(NativeHandle):
                 raise InvalidArgumentError(f"no embeddings for batch index {index}")
             return np.frombuffer(ffi.buffer(row, 4 * n_embd), dtype=np.float32).copy()
 
-    def set_nextn_output(self, enabled: bool, masked: bool = True) -> None:
-        with self.lock:
-            lib.pmtp_set_embeddings_nextn(self.ptr(), enabled, masked)
-
-    def nextn_embeddings(self, index: int, n_embd: int) -> np.ndarray:
-        with self.lock:
-            row = lib.pmtp_get_embeddings_nextn_ith(self.ptr(), index)
-            if row == ffi.NULL:
-                raise InvalidArgumentError(f"no nextn hidden state for batch index {index}")
-            return np.frombuffer(ffi.buffer(row, 4 * n_embd), dtype=np.float32).copy()
-
     def synchronize(self) -> None:
         """Wait until every computation queued on the backend has finished."""
         with self.lock:
             lib.llama_synchronize(self.ptr())
-
-    def set_threads(self, n_threads: int, n_threads_batch: int) -> None:
-        with self.lock:
-            lib.llama_set_n_threads(self.ptr(), n_threads, n_threads_batch)
 
     # -- memory -----------------------------------------------------------------------
     def memory_clear(self) -> None:
