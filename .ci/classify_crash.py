@@ -26,7 +26,14 @@ def known_patterns() -> list[re.Pattern[str]]:
 
 def classify(backtrace: str, patterns: list[re.Pattern[str]]) -> tuple[bool, str]:
     """(known, where) for the innermost frame that can be blamed."""
-    for line in backtrace.splitlines():
+    lines = backtrace.splitlines()
+    # A signal handler that ran on the crashing thread (Python's faulthandler, which
+    # pytest turns on, re-raises the signal from it) sits above the frame that faulted:
+    # blame starts below the handler's frames.
+    marker = next((i for i, line in enumerate(lines) if "<signal handler called>" in line), None)
+    if marker is not None:
+        lines = lines[marker + 1:]
+    for line in lines:
         frame = FRAME.match(line.strip())
         if frame is None:
             continue

@@ -53,3 +53,15 @@ def test_glibc_frames_with_sources_are_plumbing_and_an_unreadable_stack_is_unkno
         classify_crash.known_patterns())
     assert known and where.startswith("libLLVM-15.so.1: ")
     assert classify_crash.classify("", classify_crash.known_patterns()) == (False, "no frame gdb could read")
+
+
+@pytest.mark.parametrize("culprit, known", [
+    (f"lp_rast_shade_tile () from {MESA}/libvulkan_lvp.so", True),
+    (f"ggml_abort () from {OURS}/libggml-base.so", False),
+])
+def test_frames_of_a_signal_handler_are_passed_over(culprit, known):
+    """With Python's faulthandler on (pytest's default), the crashing thread's stack starts
+    with the handler re-raising the signal: the blame goes to the frame below it."""
+    verdict_known, where = verdict(f"raise () from {LIBC}", "faulthandler_fatal_error ()",
+                                   "<signal handler called>", f"abort () from {LIBC}", culprit)
+    assert verdict_known is known and culprit.split(" (")[0] in where

@@ -69,6 +69,15 @@ def test_warm_up_leaves_no_trace(model):
     np.testing.assert_allclose(results[0], results[1], rtol=0, atol=1e-5)
 
 
+def test_warm_up_fits_a_one_token_batch(model):
+    """n_batch=1: the warm-up decodes what fits (a two-token warm-up would be refused)."""
+    with model.context(n_ctx=64, n_batch=1, n_threads=1) as ctx:
+        assert ctx.pos_max(0) == -1
+        for token in prompt_tokens(model)[:4]:
+            ctx.decode([token])
+        assert ctx.pos_max(0) == 3
+
+
 def test_all_outputs_of_a_batch(model, context):
     tokens = prompt_tokens(model)
     context.decode(Batch(tokens, outputs=True))

@@ -30,6 +30,9 @@ class Resource:
     _native: Any = None
 
     def _mark_open(self) -> None:
+        # Made here, before any other thread can see the object, never lazily: two
+        # threads adopting at once would each make a set and lose a child.
+        self._children: "weakref.WeakSet[Resource]" = weakref.WeakSet()
         self._released = False
 
     @property
@@ -68,13 +71,11 @@ class Resource:
     def _adopt(self, child: "Resource") -> Any:
         """Register a new child; returns this parent's native handle for it to use."""
         native = self._live_native()
-        if "_children" not in self.__dict__:
-            self._children: "weakref.WeakSet[Resource]" = weakref.WeakSet()
         self._children.add(child)
         return native
 
     def _child_closed(self, child: "Resource") -> None:
-        self.__dict__.get("_children", set()).discard(child)
+        self._children.discard(child)
         if self._close_requested and not self._open_children():
             self._native.free()
 

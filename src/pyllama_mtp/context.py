@@ -179,7 +179,7 @@ class Context(Resource):
         tools do on every new context. Without it, the first single-token decode on
         Mesa's Vulkan device crashed the process for some graphs (glm4moe, 16-dim heads,
         flash attention; upstream's llama-completion --no-warmup crashes the same way)."""
-        tokens = [t for t in (self._model.bos, self._model.eos) if t >= 0] or [0]
+        tokens = ([t for t in (self._model.bos, self._model.eos) if t >= 0] or [0])[:self.n_batch]
         self.decode(Batch(tokens, positions=range(len(tokens))))
         self.clear()
         self._last_outputs = np.zeros(0, dtype=np.int8)

@@ -12,15 +12,14 @@ from ..errors import ClosedError
 # ggml's RPC client shares one connection per server between all contexts and is not
 # thread-safe (concurrent contexts aborted the process in our thread tests). Once an RPC
 # server is in use, every native handle created from then on shares this one lock.
-_RPC_LOCK = threading.RLock()
+RPC_LOCK = threading.RLock()
 _rpc_in_use = False
 
 
-def share_one_lock_from_now_on() -> threading.RLock:
-    """Make every handle created from now on share one lock (an RPC server is in use)."""
+def share_one_lock_from_now_on() -> None:
+    """Every handle created from now on shares RPC_LOCK (an RPC server is in use)."""
     global _rpc_in_use
     _rpc_in_use = True
-    return _RPC_LOCK
 
 
 def c_string(ptr: Any) -> str:
@@ -47,7 +46,7 @@ class NativeHandle:
 
     def __init__(self, ptr: Any) -> None:
         self._ptr = ptr
-        self.lock = _RPC_LOCK if _rpc_in_use else threading.RLock()
+        self.lock = RPC_LOCK if _rpc_in_use else threading.RLock()
 
     @property
     def closed(self) -> bool:

@@ -8,7 +8,7 @@ from typing import Any
 
 from .._ffi import ffi, lib
 from ..errors import InvalidArgumentError, LlamaError
-from .handle import c_string, share_one_lock_from_now_on
+from .handle import RPC_LOCK, c_string, share_one_lock_from_now_on
 from .status import check_status
 
 def shim_version() -> str:
@@ -72,11 +72,12 @@ def devices() -> list[DeviceInfo]:
 
 def add_rpc_server(endpoint: str) -> None:
     """Register a ggml RPC server as a device (it then appears in :func:`devices`)."""
-    with share_one_lock_from_now_on():
+    with RPC_LOCK:
         status = lib.pmtp_rpc_add_server(endpoint.encode())
         if status == lib.PMTP_ERR_ARGUMENT:
             raise InvalidArgumentError("this build has no RPC backend (build with GGML_RPC=ON)")
         check_status(status, f"connecting to the RPC server at {endpoint}")
+        share_one_lock_from_now_on()
 
 
 def device_handle(name: str) -> Any:
