@@ -69,20 +69,20 @@ class _Model:
             self.reader = gguf.GGUFReader(self.path)
         except (OSError, ValueError, IndexError, KeyError) as exc:  # the reader's failure modes
             raise ModelLoadError(f"{self.path}: not a readable GGUF file ({exc})") from exc
-        self.arch = self._scalar("general.architecture", None)
+        self.arch = self.scalar("general.architecture", None)
         if not isinstance(self.arch, str):
             raise ModelLoadError(f"{self.path}: general.architecture is missing")
-        self.n_blocks = int(self._scalar(f"{self.arch}.block_count", 0))
-        self.n_mtp = int(self._scalar(f"{self.arch}.nextn_predict_layers", 0))
+        self.n_blocks = int(self.scalar(f"{self.arch}.block_count", 0))
+        self.n_mtp = int(self.scalar(f"{self.arch}.nextn_predict_layers", 0))
         self.n_trunk = self.n_blocks - self.n_mtp
-        self.n_embd = int(self._scalar(f"{self.arch}.embedding_length", 0))
+        self.n_embd = int(self.scalar(f"{self.arch}.embedding_length", 0))
         tokens = self.reader.fields.get("tokenizer.ggml.tokens")
         self.n_vocab = len(tokens.data) if tokens is not None else 0
         if self.n_blocks <= 0 or not 0 <= self.n_mtp < self.n_blocks:
             raise ModelLoadError(f"{self.path}: block_count {self.n_blocks} and nextn_predict_layers "
                                  f"{self.n_mtp} do not describe a model")
 
-    def _scalar(self, key: str, default: object) -> object:
+    def scalar(self, key: str, default: object) -> object:
         found = self.reader.fields.get(key)
         return found.contents() if found is not None else default
 
@@ -110,11 +110,11 @@ def inspect(path: PathLike) -> GGUFSummary:
         if model.is_mtp(tensor.name):
             mtp += int(tensor.n_bytes)
     arch = model.arch
-    n_head = int(model._scalar(f"{arch}.attention.head_count", 0) or 0)
-    n_head_kv = int(model._scalar(f"{arch}.attention.head_count_kv", n_head) or n_head)
+    n_head = int(model.scalar(f"{arch}.attention.head_count", 0) or 0)
+    n_head_kv = int(model.scalar(f"{arch}.attention.head_count_kv", n_head) or n_head)
     head_dim = n_head and model.n_embd // n_head
-    key_length = int(model._scalar(f"{arch}.attention.key_length", head_dim) or head_dim)
-    value_length = int(model._scalar(f"{arch}.attention.value_length", head_dim) or head_dim)
+    key_length = int(model.scalar(f"{arch}.attention.key_length", head_dim) or head_dim)
+    value_length = int(model.scalar(f"{arch}.attention.value_length", head_dim) or head_dim)
     kv_per_token = model.n_mtp * n_head_kv * (key_length + value_length) * 2  # f16 K and V
     return GGUFSummary(
         path=model.path, architecture=arch, n_layer=model.n_trunk, n_mtp_layers=model.n_mtp,
