@@ -255,9 +255,7 @@ int32_t prefill(pmtp_spec & s, llama_seq_id seq, const llama_token * tokens, int
     q.id_last = tokens[n - 1];
     q.active = true;
     q.history.insert(q.history.end(), tokens, tokens + n);
-    q.draft.clear();
-    q.draft_p.clear();
-    q.draft_q.clear();
+    q.clear_draft();
     return PMTP_OK;
 }
 

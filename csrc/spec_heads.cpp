@@ -14,7 +14,7 @@ namespace pmtp {
 namespace {
 
 struct single_head final : head_layout {
-    int32_t catch_up(llama_context * dft, llama_batch_ext * batch, const std::vector<llama_pos> &) override {
+    int32_t catch_up(llama_context * dft, llama_batch_ext * batch, const std::vector<llama_pos> &) const override {
         const int32_t rc = llama_process(dft, LLAMA_PROCESS_TYPE_DECODE, batch);
         return rc != 0 ? pmtp_status_from_decode(rc) : PMTP_OK;
     }
@@ -26,7 +26,7 @@ struct single_head final : head_layout {
 
 struct shared_kv_head final : head_layout {
     bool own_memory() const override { return false; }
-    int32_t catch_up(llama_context *, llama_batch_ext *, const std::vector<llama_pos> &) override {
+    int32_t catch_up(llama_context *, llama_batch_ext *, const std::vector<llama_pos> &) const override {
         return PMTP_OK;
     }
     int32_t add_next(llama_batch_ext * batch, llama_seq_id seq, pmtp_seq & q, const float * h_row,
@@ -50,7 +50,7 @@ struct chained_heads final : head_layout {
     }
 
     // Every head sees the caught-up tokens, each on the same positions in turn.
-    int32_t catch_up(llama_context * dft, llama_batch_ext * batch, const std::vector<llama_pos> & first_pos) override {
+    int32_t catch_up(llama_context * dft, llama_batch_ext * batch, const std::vector<llama_pos> & first_pos) const override {
         int32_t status = PMTP_OK;
         for (int32_t head = 0; head < n_heads && status == PMTP_OK; head++) {
             drop_from(dft, first_pos);

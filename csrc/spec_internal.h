@@ -71,7 +71,8 @@ struct head_layout {
     virtual bool own_memory() const { return true; }
     // Decode a catch-up batch on the drafter; first_pos[seq]: the position of each
     // sequence's first entry in it (-1: not in the batch).
-    virtual int32_t catch_up(llama_context * dft, llama_batch_ext * batch, const std::vector<llama_pos> & first_pos) = 0;
+    virtual int32_t catch_up(llama_context * dft, llama_batch_ext * batch,
+                             const std::vector<llama_pos> & first_pos) const = 0;
     // A draft starts for this sequence (its first entry pairs id_last with pending_h).
     virtual void begin_draft(pmtp_seq & q) const { (void) q; }
     // Before draft step `step` (0-based); from[seq]: where each drafting sequence's

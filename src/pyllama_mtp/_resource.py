@@ -80,7 +80,7 @@ class Resource:
             self._native.free()
 
     def _open_children(self) -> list["Resource"]:
-        return [child for child in self.__dict__.get("_children", ()) if not child.closed]
+        return [child for child in self._children if not child.closed]
 
     def _release_when_unused(self) -> None:
         """Free the native handle now, or when the last open child closes."""

@@ -78,7 +78,7 @@ def generate(context: "Context", prompt: Union[str, Iterable[int]], *, max_token
             with context.lock:
                 for start in range(0, len(tokens), context.n_batch):
                     context.decode(tokens[start:start + context.n_batch], seq_id=seq_id)
-                token = sampler.sample(context) if max_tokens > 0 else None
+                token = context.sample(sampler) if max_tokens > 0 else None
             for produced in range(max_tokens):
                 if stop_at_eog and model.is_eog(token):
                     return
@@ -86,7 +86,7 @@ def generate(context: "Context", prompt: Union[str, Iterable[int]], *, max_token
                 with context.lock:
                     context.decode([token], seq_id=seq_id)
                     if produced + 1 < max_tokens:
-                        token = sampler.sample(context)
+                        token = context.sample(sampler)
     finally:
         if own_sampler:
             sampler.close()

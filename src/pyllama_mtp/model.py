@@ -191,7 +191,6 @@ class Model(Resource):
         return self._hparams["eot"]
 
     # -- vocabulary -------------------------------------------------------------------
-
     def tokenize(self, text: Union[str, bytes], *, add_special: bool = True,
                  parse_special: bool = False) -> list[int]:
         """Text to token ids; ``add_special`` adds BOS/EOS where the model asks for them."""

@@ -122,19 +122,19 @@ class NativeContext(NativeHandle):
                 ffi.cast("int8_t *", ffi.from_buffer(output)))
             call.check(status, "decode")
 
-    def logits(self, index: int, n_vocab: int) -> np.ndarray:
+    def _output_row(self, getter: Any, what: str, index: int, width: int) -> np.ndarray:
+        """A copy of one output row (the context reuses its buffers on the next decode)."""
         with self.lock:
-            row = lib.llama_get_logits_ith(self.ptr(), index)
+            row = getter(self.ptr(), index)
             if row == ffi.NULL:
-                raise InvalidArgumentError(f"no logits for batch index {index}")
-            return np.frombuffer(ffi.buffer(row, 4 * n_vocab), dtype=np.float32).copy()
+                raise InvalidArgumentError(f"no {what} for batch index {index}")
+            return np.frombuffer(ffi.buffer(row, 4 * width), dtype=np.float32).copy()
+
+    def logits(self, index: int, n_vocab: int) -> np.ndarray:
+        return self._output_row(lib.llama_get_logits_ith, "logits", index, n_vocab)
 
     def embeddings(self, index: int, n_embd: int) -> np.ndarray:
-        with self.lock:
-            row = lib.llama_get_embeddings_ith(self.ptr(), index)
-            if row == ffi.NULL:
-                raise InvalidArgumentError(f"no embeddings for batch index {index}")
-            return np.frombuffer(ffi.buffer(row, 4 * n_embd), dtype=np.float32).copy()
+        return self._output_row(lib.llama_get_embeddings_ith, "embeddings", index, n_embd)
 
     def synchronize(self) -> None:
         """Wait until every computation queued on the backend has finished."""

@@ -14,6 +14,8 @@ from .interrupt import Stoppable
 from .status import check_status
 
 PMTP_MAX_DRAFT_CAPACITY = int(lib.PMTP_MAX_DRAFT)
+# The statistics fields, as the shim's header declares them (the one list of them).
+_STATS_FIELDS = tuple(name for name, _ in ffi.typeof("pmtp_spec_stats").fields)
 
 
 class NativeSpeculative(NativeHandle):
@@ -143,7 +145,7 @@ class NativeSpeculative(NativeHandle):
         with self.lock:
             lib.pmtp_spec_get_stats(self.ptr(), raw)
         values: dict[str, Any] = {}
-        for name, _ in ffi.typeof("pmtp_spec_stats").fields:
+        for name in _STATS_FIELDS:
             value = getattr(raw, name)
             values[name] = [int(v) for v in value[0:self.n_draft_max]] if isinstance(value, ffi.CData) else int(value)
         return values
