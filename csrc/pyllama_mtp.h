@@ -106,6 +106,67 @@ typedef struct pmtp_memory_entry {
 PMTP_API int32_t pmtp_memory_breakdown(const struct llama_context * ctx,
                                        pmtp_memory_entry * out, int32_t capacity);
 
+/* ---- sampling (csrc/sampler.cpp): one sampler for plain and speculative decoding ----
+ *
+ * llama.cpp's common_sampler with the chain top-k, top-p, min-p, temperature (each off at
+ * its neutral value; temperature <= 0 is greedy), then a draw seeded by seed. Optionally
+ * constrained by a GBNF grammar, given as JSON: {"grammar": GBNF, "grammar_type": "user" |
+ * "output_format" | "tool_calls", "grammar_lazy": bool, "grammar_triggers": [{"type",
+ * "value", "token"}], "generation_prompt": text} (what pmtp_chat_apply returns). */
+
+typedef struct pmtp_sampler pmtp_sampler;
+typedef struct pmtp_sampling_params {
+    float    temperature;
+    int32_t  top_k;        /* 0 = off */
+    float    top_p;        /* 1 = off */
+    float    min_p;        /* 0 = off */
+    uint32_t seed;
+    int32_t  exact_match;  /* speculative rule: see pmtp_spec_set_sampler */
+} pmtp_sampling_params;
+
+/* *out receives the sampler; on failure a PMTP_ERR_* and, with error, a message (free it
+ * with pmtp_string_free): a grammar that does not parse is PMTP_ERR_ARGUMENT. */
+PMTP_API int32_t pmtp_sampler_new(const struct llama_model * model, const pmtp_sampling_params * params,
+                                  const char * constraint_json, pmtp_sampler ** out, char ** error);
+PMTP_API void    pmtp_sampler_free(pmtp_sampler * sampler);
+/* Pick a token from output idx of ctx's last batch and accept it into the sampler. */
+PMTP_API int32_t pmtp_sampler_sample(pmtp_sampler * sampler, struct llama_context * ctx, int32_t idx, llama_token * out);
+/* Accept a token chosen elsewhere (PMTP_ERR_ARGUMENT when the grammar cannot take it). */
+PMTP_API int32_t pmtp_sampler_accept(pmtp_sampler * sampler, llama_token token);
+/* Back to the start: grammar state, history and random stream. */
+PMTP_API void    pmtp_sampler_reset(pmtp_sampler * sampler);
+
+/* ---- chat (csrc/chat.cpp): llama.cpp's chat templates, parsers and JSON schemas ----
+ *
+ * JSON crosses this boundary as UTF-8 text. Functions return a status and put either
+ * the result or an error message in *out (free it with pmtp_string_free). */
+
+typedef struct pmtp_chat_templates pmtp_chat_templates;
+/* The model's own template (template_source NULL or empty) or the given Jinja source;
+ * model may be NULL with a source. */
+PMTP_API int32_t pmtp_chat_templates_new(const struct llama_model * model, const char * template_source,
+                                         pmtp_chat_templates ** templates, char ** error);
+PMTP_API void    pmtp_chat_templates_free(pmtp_chat_templates * templates);
+/* {"source": the default template's text, "tool_use_source": the tool-use variant or null,
+ *  "supports_thinking": bool, "caps": {...}} */
+PMTP_API int32_t pmtp_chat_templates_info(const pmtp_chat_templates * templates, char ** out);
+/* Render a request: {"messages", "tools", "tool_choice", "add_generation_prompt",
+ * "enable_thinking", "chat_template_kwargs", "json_schema", "grammar",
+ * "parallel_tool_calls", "reasoning_format"} (OpenAI shapes) -> {"prompt", "format",
+ * "grammar", "grammar_type", "grammar_lazy", "grammar_triggers", "preserved_tokens",
+ * "additional_stops", "generation_prompt", "parser", "supports_thinking"}. */
+PMTP_API int32_t pmtp_chat_apply(const pmtp_chat_templates * templates, const char * request_json, char ** out);
+/* Parse generated text with the parser state pmtp_chat_apply returned ({"format",
+ * "generation_prompt", "parser", "reasoning_format", "parse_tool_calls"}) -> an OpenAI
+ * message {"role", "content", "reasoning_content", "tool_calls"}. */
+PMTP_API int32_t pmtp_chat_parse(const char * text, int32_t is_partial, const char * parser_json, char ** out);
+/* JSON schema -> GBNF grammar (llama.cpp's json-schema-to-grammar). */
+PMTP_API int32_t pmtp_json_schema_to_grammar(const char * schema_json, char ** out);
+PMTP_API void    pmtp_string_free(char * text);
+/* llama.cpp's common layer prints warnings from a thread of its own, past any log
+ * callback: stop it (its failures reach callers as statuses and messages anyway). */
+PMTP_API void    pmtp_common_log_pause(void);
+
 /* ---- MTP speculative decoding (csrc/speculative.cpp, spec_*.cpp) ----
  *
  * One pmtp_spec drives n_seq sequences of a target context and its MTP draft context
@@ -150,22 +211,17 @@ PMTP_API void        pmtp_spec_free(pmtp_spec * spec);
  * completed batch is impossible for recurrent memory. A stop takes effect at the next draft. */
 PMTP_API void        pmtp_spec_set_draft_abort_state(pmtp_spec * spec, pmtp_abort_state * state);
 
-/* How pmtp_spec_step_each picks tokens. temperature <= 0: greedy (argmax) drafts and
- * verification, the default. temperature > 0: drafts are sampled from the MTP head's
- * distribution q and accepted with probability min(1, p/q) against the target's p, with a
- * draw from the residual max(0, p - q) on rejection (speculative sampling): the output
- * has exactly the distribution of plain sampling. exact_match instead accepts a draft
- * token only when the target's own sample equals it (also exact, accepts less). p and q
- * use the same filters as pyllama_mtp's Sampler: top-k, top-p, min-p, then temperature. */
-typedef struct pmtp_sampling_params {
-    float    temperature;
-    int32_t  top_k;        /* 0 = off */
-    float    top_p;        /* 1 = off */
-    float    min_p;        /* 0 = off */
-    uint32_t seed;
-    int32_t  exact_match;
-} pmtp_sampling_params;
-PMTP_API int32_t pmtp_spec_set_sampling(pmtp_spec * spec, const pmtp_sampling_params * params);
+/* How a sequence's tokens are picked in pmtp_spec_step_each: by its pmtp_sampler (see
+ * "sampling" below), or, with none (the default), greedily and unconstrained. With a
+ * sampler at temperature > 0 drafts are sampled from the MTP head's distribution q (the
+ * sampler's chain, never its grammar) and accepted with probability min(1, p/q) against
+ * the target's p (the chain after the grammar), with a draw from the residual
+ * max(0, p - q) on rejection (speculative sampling): the output has exactly the
+ * distribution of plain sampling with the same sampler. exact_match instead keeps a
+ * draft token only when the target's own sample equals it. Greedy samplers keep a draft
+ * while it equals the target's (constrained) argmax. The grammar only ever advances over
+ * output tokens. The sampler must outlive its use here (set NULL before freeing it). */
+PMTP_API int32_t pmtp_spec_set_sampler(pmtp_spec * spec, llama_seq_id seq, struct pmtp_sampler * sampler);
 /* n-gram lookup drafts in pmtp_spec_step_each. ngram > 0: when the sequence's last ngram
  * tokens occurred earlier in it and at least min_tokens tokens followed there, those
  * tokens (up to max_tokens; 0 = n_draft_max) are the step's draft instead of the MTP
@@ -211,6 +267,12 @@ PMTP_API int32_t pmtp_spec_step_each(pmtp_spec * spec, const int32_t * n_draft, 
 /* 1 if active (and its pending token / position), 0 if not, or a PMTP_ERR_*. */
 PMTP_API int32_t pmtp_spec_seq_state(const pmtp_spec * spec, llama_seq_id seq, llama_token * id_last,
                                      llama_pos * n_past);
+/* Keep the first n_keep tokens of a sequence (2 <= n_keep <= its evaluated count), the
+ * last of them becoming the pending token: a conversation continues from a common
+ * prefix. The drafter's entry one position before the cut is rebuilt from a stale hidden
+ * row (acceptance only, never output). PMTP_ERR_STATE (the sequence is then reset) where
+ * recurrent state cannot go back that far. */
+PMTP_API int32_t pmtp_spec_truncate(pmtp_spec * spec, llama_seq_id seq, int32_t n_keep);
 /* Forget a sequence in both contexts. */
 PMTP_API int32_t pmtp_spec_reset_seq(pmtp_spec * spec, llama_seq_id seq);
 PMTP_API void    pmtp_spec_get_stats(const pmtp_spec * spec, pmtp_spec_stats * out);

@@ -5,7 +5,7 @@
 
 #include "spec_internal.h"
 #include "internal.h"
-#include "sampling.h"
+#include "sampler.h"
 
 #include <algorithm>
 #include <chrono>
@@ -173,9 +173,9 @@ int32_t discard_unaccepted(pmtp_spec & s) {
 // probability); sampled drafts also keep the whole distribution in q.draft_q.
 void choose_draft(pmtp_spec & s, pmtp_seq & q, const float * logits, float p_min, llama_token & id, float & p,
                   float & p_top) {
-    if (s.sampled() && !s.sampling.exact_match) {
-        pmtp::sampling_probs(logits, s.n_vocab, s.sampling, s.probs, s.order);
-        id = pmtp::sample_index(s.probs, s.rng);
+    // Drafts are never constrained: the target's grammar decides at verification.
+    if (q.sampler != nullptr && !q.sampler->greedy() && !q.sampler->params.exact_match) {
+        id = pmtp::sample_draft(*q.sampler, logits, s.probs);
         p = s.probs[id];
         p_top = *std::max_element(s.probs.begin(), s.probs.end());
         if (p_top >= p_min) {
@@ -203,8 +203,36 @@ void reset(pmtp_spec & s, llama_seq_id seq) {
         llama_memory_seq_rm(llama_get_memory(s.dft), seq, -1, -1);
     }
     pmtp_seq & q = s.seqs[seq];
+    pmtp_sampler * sampler = q.sampler;  // the caller's setting outlives the sequence
     q = pmtp_seq();
     q.pending_h.assign(s.n_embd, 0.0f);
+    q.sampler = sampler;
+}
+
+int32_t truncate(pmtp_spec & s, llama_seq_id seq, int32_t n_keep) {
+    const int32_t discarded = discard_unaccepted(s);
+    if (discarded != PMTP_OK) {
+        return discarded;
+    }
+    pmtp_seq & q = s.seqs[seq];
+    const std::vector<llama_token> history = q.history;
+    // The kept pending token pairs with the hidden row of the token before it, which no
+    // one kept: cut one position further back and evaluate that token again.
+    const llama_pos cut = n_keep - 2;
+    if (rollback(s, seq, cut) != PMTP_OK) {
+        reset(s, seq);  // recurrent state further back than its snapshots
+        return PMTP_ERR_STATE;
+    }
+    q.clear_draft();
+    q.verify_rows = 0;
+    q.n_past = cut;
+    q.id_last = history[cut];
+    q.history.assign(history.begin(), history.begin() + cut + 1);
+    const int32_t st = prefill(s, seq, &history[n_keep - 1], 1);
+    if (st != PMTP_OK) {
+        reset(s, seq);
+    }
+    return st;
 }
 
 int32_t prefill(pmtp_spec & s, llama_seq_id seq, const llama_token * tokens, int32_t n) {

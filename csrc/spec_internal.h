@@ -30,6 +30,8 @@ struct pmtp_seq {
     int32_t verify_beg = -1;         // batch index of id_last in the last verify batch
     std::vector<llama_token> history;  // every token of the sequence, id_last included
     bool draft_from_lookup = false;    // the current draft came from n-gram lookup
+    pmtp_sampler * sampler = nullptr;  // the sequence's sampler (owned by the caller);
+                                       // null: greedy, unconstrained (argmax rows)
 
     void clear_draft() {
         draft.clear();
@@ -105,12 +107,8 @@ struct pmtp_spec {
     std::vector<pmtp_seq> seqs;
     pmtp_spec_stats stats = {};
     pmtp_abort_state * dft_abort = nullptr;  // see pmtp_spec_set_draft_abort_state
-    pmtp_sampling_params sampling = {};        // temperature 0: greedy
     pmtp_lookup_params lookup = {};            // ngram 0: MTP drafts only
-    std::mt19937_64 rng;
-    std::vector<float> probs, residual;        // scratch, n_vocab each
-    std::vector<int32_t> order;
-    bool sampled() const { return sampling.temperature > 0.0f; }
+    std::vector<float> probs;                  // scratch, n_vocab
 };
 
 // The core steps. Arguments are valid (checked by the exported API); each returns a
@@ -126,6 +124,8 @@ int32_t accept(pmtp_spec & s, llama_seq_id seq, int32_t n_accepted, llama_token 
 // cannot cut there, e.g. recurrent state further back than its snapshots).
 int32_t rollback(pmtp_spec & s, llama_seq_id seq, llama_pos from);
 void reset(pmtp_spec & s, llama_seq_id seq);
+// Keep the first n_keep tokens of a sequence (2 <= n_keep <= n_past), the last one pending.
+int32_t truncate(pmtp_spec & s, llama_seq_id seq, int32_t n_keep);
 int32_t step_each(pmtp_spec & s, const int32_t * n_draft_each, float p_min, llama_token * out_tokens,
                   int32_t * out_counts, int32_t * out_drafted);
 

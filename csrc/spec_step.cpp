@@ -3,52 +3,54 @@
 // match) and the rollback of what was rejected.
 
 #include "spec_internal.h"
-#include "sampling.h"
+#include "sampler.h"
 
 #include <algorithm>
 
 namespace pmtp::spec {
 namespace {
 
-// Speculative sampling over one sequence's verified rows: returns the token that follows
-// the k accepted drafts. Rule (Leviathan et al. 2023; Chen et al. 2023): accept draft x
-// at row i with probability min(1, p_i(x) / q_i(x)); on rejection draw from
-// norm(max(0, p_i - q_i)); after k = all, draw the bonus token from p_k. The output then
-// has exactly plain sampling's distribution. With exact_match the target samples each row
-// itself and a draft token stays only if it equals that sample.
-llama_token sampled_acceptance(pmtp_spec & s, const pmtp_seq & q, int32_t & k) {
+// The target's verdict on one sequence's verified rows through its sampler: returns the
+// token that follows the k accepted drafts. Each row is read with the sampler's grammar
+// (if any) in the state after the tokens accepted so far, and every token that becomes
+// output is accepted into it, so the grammar never sees a rejected draft.
+// Greedy or exact_match: the target's own choice at each row, a draft stays while it
+// equals it. Speculative sampling (Leviathan et al. 2023; Chen et al. 2023): accept draft
+// x at row i with probability min(1, p_i(x) / q_i(x)); on rejection draw from
+// norm(max(0, p_i - q_i)); after k = all, the bonus token comes from p_k. The output then
+// has exactly plain sampling's distribution, p being the constrained one.
+llama_token sampler_acceptance(pmtp_spec & s, const pmtp_seq & q, int32_t & k) {
+    pmtp_sampler & smp = *q.sampler;
     const int32_t n_vocab = s.n_vocab;
     const int32_t n_draft = (int32_t) q.draft.size();
-    for (k = 0; k <= n_draft; k++) {
-        const float * logits = llama_get_logits_ith(s.tgt, q.verify_beg + k);
-        pmtp::sampling_probs(logits, n_vocab, s.sampling, s.probs, s.order);
-        if (k == n_draft) {
-            break;  // every draft accepted: the bonus token comes from p
-        }
-        const llama_token x = q.draft[k];
-        if (s.sampling.exact_match) {
-            const llama_token t = pmtp::sample_index(s.probs, s.rng);
-            if (t != x) {
-                return t;
+    const bool rule_sampling = !smp.greedy() && !smp.params.exact_match;
+    for (k = 0;; k++) {
+        const llama_token t = pmtp::sample_target(smp, s.tgt, q.verify_beg + k, rule_sampling ? &smp.p : nullptr);
+        const llama_token x = k < n_draft ? q.draft[k] : -1;
+        llama_token chosen = t;
+        if (k < n_draft && rule_sampling) {
+            const float * q_row = q.draft_q.empty() ? nullptr : q.draft_q.data() + (size_t) k * n_vocab;
+            const double q_x = q_row ? q_row[x] : 1.0;
+            if (q_x > 0.0 && pmtp::uniform01(smp.rng) * q_x < smp.p[x]) {
+                chosen = x;  // accepted with probability min(1, p(x) / q(x))
+            } else {
+                smp.residual.resize(n_vocab);
+                double mass = 0.0;
+                for (int32_t j = 0; j < n_vocab; j++) {
+                    const float q_j = q_row ? q_row[j] : (j == x ? 1.0f : 0.0f);
+                    smp.residual[j] = std::max(0.0f, smp.p[j] - q_j);
+                    mass += smp.residual[j];
+                }
+                // p == q up to rounding leaves no residual mass: p itself is then the residual.
+                chosen = pmtp::sample_index(mass > 0.0 ? smp.residual : smp.p, smp.rng);
             }
-            continue;
         }
-        const float * q_row = q.draft_q.empty() ? nullptr : q.draft_q.data() + (size_t) k * n_vocab;
-        const double q_x = q_row ? q_row[x] : 1.0;
-        if (q_x > 0.0 && pmtp::uniform01(s.rng) * q_x < s.probs[x]) {
-            continue;  // accepted with probability min(1, p(x) / q(x))
+        pmtp::accept(smp, chosen);
+        // An end-of-generation token ends the step: nothing after it is output.
+        if (k == n_draft || chosen != x || llama_vocab_is_eog(s.vocab, chosen)) {
+            return chosen;
         }
-        s.residual.resize(n_vocab);
-        double mass = 0.0;
-        for (int32_t j = 0; j < n_vocab; j++) {
-            const float q_j = q_row ? q_row[j] : (j == x ? 1.0f : 0.0f);
-            s.residual[j] = std::max(0.0f, s.probs[j] - q_j);
-            mass += s.residual[j];
-        }
-        // p == q up to rounding leaves no residual mass: p itself is then the residual.
-        return pmtp::sample_index(mass > 0.0 ? s.residual : s.probs, s.rng);
     }
-    return pmtp::sample_index(s.probs, s.rng);
 }
 
 // The tokens that followed the most recent earlier occurrence of the sequence's last
@@ -132,8 +134,8 @@ int32_t step_each(pmtp_spec & s, const int32_t * n_draft_each, float p_min, llam
         }
         int32_t k = 0;
         llama_token next;
-        if (s.sampled()) {
-            next = sampled_acceptance(s, q, k);
+        if (q.sampler != nullptr) {
+            next = sampler_acceptance(s, q, k);
         } else {
             while (k < (int32_t) q.draft.size() && q.verify_choice[k] == q.draft[k]) {
                 k++;

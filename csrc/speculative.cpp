@@ -2,15 +2,16 @@
 // catches C++ exceptions once, then runs the core (spec_core.cpp, spec_step.cpp) with
 // the head layout of the model (spec_heads.cpp).
 //
-// Why our own loop instead of wrapping common/speculative.cpp: upstream's driver
-// lives in libcommon (not built for the wheel), hides the draft distribution (needed
-// for lossless sampling at T > 0 and for per-position statistics), and drives one
-// policy. The upstream pieces we mirror are the pairing rule (the MTP head at
+// Why our own loop instead of wrapping common/speculative.cpp: upstream's driver hides
+// the draft distribution (needed for lossless sampling at T > 0 and for per-position
+// statistics) and drives one policy. The upstream pieces we mirror are the pairing rule (the MTP head at
 // position p sees the target's nextn hidden row of p-1 and the token at p) and the
 // three head layouts (single head: qwen35; chained heads: step35; shared KV: gemma4).
 
 #include "pyllama_mtp.h"
 #include "spec_internal.h"
+#include "internal.h"
+#include "sampler.h"
 
 #include <algorithm>
 #include <cmath>
@@ -19,16 +20,7 @@
 
 namespace {
 
-template <typename F>
-int32_t guarded(F && body) {
-    try {
-        return body();
-    } catch (const std::bad_alloc &) {
-        return PMTP_ERR_ALLOC;
-    } catch (const std::exception &) {
-        return PMTP_ERR_INTERNAL;
-    }
-}
+using pmtp::guarded;
 
 bool valid_seq(const pmtp_spec * s, llama_seq_id seq) {
     return s != nullptr && seq >= 0 && seq < s->n_seq;
@@ -178,13 +170,18 @@ int32_t pmtp_spec_set_lookup(pmtp_spec * s, const pmtp_lookup_params * params) {
     return PMTP_OK;
 }
 
-int32_t pmtp_spec_set_sampling(pmtp_spec * s, const pmtp_sampling_params * params) {
-    if (s == nullptr || params == nullptr || !std::isfinite(params->temperature) || params->top_k < 0 ||
-        !(params->top_p > 0.0f && params->top_p <= 1.0f) || !(params->min_p >= 0.0f && params->min_p < 1.0f)) {
+int32_t pmtp_spec_truncate(pmtp_spec * s, llama_seq_id seq, int32_t n_keep) {
+    if (!valid_seq(s, seq) || !s->seqs[seq].active || n_keep < 2 || n_keep > s->seqs[seq].n_past) {
         return PMTP_ERR_ARGUMENT;
     }
-    s->sampling = *params;
-    s->rng.seed(params->seed);
+    return guarded([&] { return pmtp::spec::truncate(*s, seq, n_keep); });
+}
+
+int32_t pmtp_spec_set_sampler(pmtp_spec * s, llama_seq_id seq, pmtp_sampler * sampler) {
+    if (!valid_seq(s, seq) || (sampler != nullptr && sampler->n_vocab != s->n_vocab)) {
+        return PMTP_ERR_ARGUMENT;
+    }
+    s->seqs[seq].sampler = sampler;
     return PMTP_OK;
 }
 

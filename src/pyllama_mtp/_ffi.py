@@ -70,6 +70,7 @@ def pmtp_py_log(level: int, text, user_data) -> None:  # noqa: ARG001 - C signat
 def _init_once() -> None:
     # Route logs before the backends initialise, so their start-up chatter is caught too.
     lib.llama_log_set(lib.pmtp_py_log, ffi.NULL)
+    lib.pmtp_common_log_pause()
     lib.llama_backend_init()
 
 

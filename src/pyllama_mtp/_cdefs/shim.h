@@ -40,6 +40,35 @@ typedef struct pmtp_memory_entry {
 
 int32_t pmtp_memory_breakdown(const struct llama_context * ctx, pmtp_memory_entry * out, int32_t capacity);
 
+/* sampling */
+typedef struct pmtp_sampler pmtp_sampler;
+typedef struct pmtp_sampling_params {
+    float    temperature;
+    int32_t  top_k;
+    float    top_p;
+    float    min_p;
+    uint32_t seed;
+    int32_t  exact_match;
+} pmtp_sampling_params;
+int32_t pmtp_sampler_new(const struct llama_model * model, const pmtp_sampling_params * params,
+                         const char * constraint_json, pmtp_sampler ** out, char ** error);
+void    pmtp_sampler_free(pmtp_sampler * sampler);
+int32_t pmtp_sampler_sample(pmtp_sampler * sampler, struct llama_context * ctx, int32_t idx, llama_token * out);
+int32_t pmtp_sampler_accept(pmtp_sampler * sampler, llama_token token);
+void    pmtp_sampler_reset(pmtp_sampler * sampler);
+
+/* chat */
+typedef struct pmtp_chat_templates pmtp_chat_templates;
+int32_t pmtp_chat_templates_new(const struct llama_model * model, const char * template_source,
+                                pmtp_chat_templates ** templates, char ** error);
+void    pmtp_chat_templates_free(pmtp_chat_templates * templates);
+int32_t pmtp_chat_templates_info(const pmtp_chat_templates * templates, char ** out);
+int32_t pmtp_chat_apply(const pmtp_chat_templates * templates, const char * request_json, char ** out);
+int32_t pmtp_chat_parse(const char * text, int32_t is_partial, const char * parser_json, char ** out);
+int32_t pmtp_json_schema_to_grammar(const char * schema_json, char ** out);
+void    pmtp_string_free(char * text);
+void    pmtp_common_log_pause(void);
+
 /* MTP speculative decoding */
 #define PMTP_MAX_DRAFT ...
 typedef struct pmtp_spec pmtp_spec;
@@ -62,15 +91,7 @@ pmtp_spec * pmtp_spec_new(struct llama_context * tgt, struct llama_context * dft
                           int32_t n_seq, int32_t n_draft_max, int32_t * status);
 void    pmtp_spec_free(pmtp_spec * spec);
 void    pmtp_spec_set_draft_abort_state(pmtp_spec * spec, pmtp_abort_state * state);
-typedef struct pmtp_sampling_params {
-    float    temperature;
-    int32_t  top_k;
-    float    top_p;
-    float    min_p;
-    uint32_t seed;
-    int32_t  exact_match;
-} pmtp_sampling_params;
-int32_t pmtp_spec_set_sampling(pmtp_spec * spec, const pmtp_sampling_params * params);
+int32_t pmtp_spec_set_sampler(pmtp_spec * spec, llama_seq_id seq, struct pmtp_sampler * sampler);
 typedef struct pmtp_lookup_params {
     int32_t ngram;
     int32_t min_tokens;
@@ -90,6 +111,7 @@ int32_t pmtp_spec_accept(pmtp_spec * spec, llama_seq_id seq, int32_t n_accepted,
 int32_t pmtp_spec_step_each(pmtp_spec * spec, const int32_t * n_draft, float p_min,
                             llama_token * out_tokens, int32_t * out_counts, int32_t * out_drafted);
 int32_t pmtp_spec_seq_state(const pmtp_spec * spec, llama_seq_id seq, llama_token * id_last, llama_pos * n_past);
+int32_t pmtp_spec_truncate(pmtp_spec * spec, llama_seq_id seq, int32_t n_keep);
 int32_t pmtp_spec_reset_seq(pmtp_spec * spec, llama_seq_id seq);
 void    pmtp_spec_get_stats(const pmtp_spec * spec, pmtp_spec_stats * out);
 void    pmtp_spec_reset_stats(pmtp_spec * spec);

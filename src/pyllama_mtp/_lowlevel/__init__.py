@@ -10,6 +10,7 @@ target context, then its draft context; a sampler before its context.
 
 from __future__ import annotations
 
+from .chat import NativeChatTemplates, chat_parse, json_schema_to_grammar
 from .context import ContextConfig, NativeContext
 from .interrupt import monotonic_us
 from .model import NativeModel
@@ -30,8 +31,9 @@ from .system import (
 )
 
 __all__ = [
-    "ContextConfig", "NativeContext", "NativeModel", "NativeSampler", "NativeSpeculative",
+    "ContextConfig", "NativeChatTemplates", "NativeContext", "NativeModel", "NativeSampler", "NativeSpeculative",
     "PMTP_MAX_DRAFT_CAPACITY", "QUANT_TYPES", "DeviceInfo", "add_rpc_server", "check_status",
-    "compiled_backends", "cpu_features", "default_threads", "devices", "llama_commit",
+    "chat_parse", "compiled_backends", "cpu_features", "default_threads", "devices", "json_schema_to_grammar",
+    "llama_commit",
     "monotonic_us", "quantize", "shim_version",
 ]

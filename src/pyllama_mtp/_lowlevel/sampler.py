@@ -1,44 +1,55 @@
-"""``NativeSampler``: a llama.cpp sampler chain."""
+"""``NativeSampler``: the shim's one sampler (llama.cpp's common_sampler, our chain,
+an optional grammar), for plain and speculative decoding alike."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
-from .._ffi import lib
+from .._ffi import ffi, lib
+from .chat import _take_string, to_json
 from .context import NativeContext
 from .handle import NativeHandle
+from .model import NativeModel
+from .status import check_status
+
 
 class NativeSampler(NativeHandle):
-    """A llama.cpp sampler chain: greedy, or temperature / top-k / top-p / min-p / seeded dist."""
+    """top-k, top-p, min-p, temperature, then a draw seeded by ``seed`` (greedy at
+    temperature <= 0), after the grammar of ``constraint`` (see pmtp_sampler_new)."""
 
     _kind = "sampler"
 
-    def __init__(self, *, temperature: float, top_k: int, top_p: float, min_p: float,
-                 seed: int) -> None:
-        chain_params = lib.llama_sampler_chain_default_params()
-        chain_params.no_perf = True
-        chain = lib.llama_sampler_chain_init(chain_params)
-        if temperature <= 0.0:
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_greedy())
-        else:
-            if top_k > 0:
-                lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_k(top_k))
-            if top_p < 1.0:
-                lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_top_p(top_p, 1))
-            if min_p > 0.0:
-                lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_min_p(min_p, 1))
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_temp(temperature))
-            lib.llama_sampler_chain_add(chain, lib.llama_sampler_init_dist(seed & 0xFFFFFFFF))
-        super().__init__(chain)
+    def __init__(self, model: NativeModel, *, temperature: float, top_k: int, top_p: float,
+                 min_p: float, seed: int, exact_match: bool = False,
+                 constraint: Optional[dict[str, Any]] = None) -> None:
+        params = ffi.new("pmtp_sampling_params *")
+        params.temperature = temperature
+        params.top_k = top_k
+        params.top_p = top_p
+        params.min_p = min_p
+        params.seed = seed & 0xFFFFFFFF
+        params.exact_match = exact_match
+        payload = to_json(constraint, "the grammar constraint") if constraint else ffi.NULL
+        out = ffi.new("pmtp_sampler **")
+        error = ffi.new("char **")
+        with model.lock:
+            status = lib.pmtp_sampler_new(model.ptr(), params, payload, out, error)
+        check_status(status, "make the sampler", message=_take_string(error[0]))
+        super().__init__(out[0])
 
     def _free(self, ptr: Any) -> None:
-        lib.llama_sampler_free(ptr)
+        lib.pmtp_sampler_free(ptr)
 
     def sample(self, context: NativeContext, index: int) -> int:
-        # llama_sampler_sample also accepts the token into the chain's state.
+        token = ffi.new("llama_token *")
         with self.lock, context.lock:
-            return int(lib.llama_sampler_sample(self.ptr(), context.ptr(), index))
+            check_status(lib.pmtp_sampler_sample(self.ptr(), context.ptr(), index, token), "sample")
+        return int(token[0])
+
+    def accept(self, token: int) -> None:
+        with self.lock:
+            check_status(lib.pmtp_sampler_accept(self.ptr(), token), f"accept token {token} into the grammar")
 
     def reset(self) -> None:
         with self.lock:
-            lib.llama_sampler_reset(self.ptr())
+            lib.pmtp_sampler_reset(self.ptr())

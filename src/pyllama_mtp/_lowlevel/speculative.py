@@ -3,7 +3,7 @@ draft context (``csrc/speculative.cpp``)."""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 
@@ -11,6 +11,7 @@ from .._ffi import ffi, lib
 from .context import NativeContext
 from .handle import NativeHandle
 from .interrupt import Stoppable
+from .sampler import NativeSampler
 from .status import check_status
 
 PMTP_MAX_DRAFT_CAPACITY = int(lib.PMTP_MAX_DRAFT)
@@ -70,17 +71,12 @@ class NativeSpeculative(NativeHandle):
                                                  self._out_counts_ptr, self._out_drafted_ptr), "speculative step")
         return self._out_tokens, self._out_counts, self._out_drafted
 
-    def set_sampling(self, temperature: float, top_k: int, top_p: float, min_p: float, seed: int,
-                     exact_match: bool) -> None:
-        params = ffi.new("pmtp_sampling_params *")
-        params.temperature = temperature
-        params.top_k = top_k
-        params.top_p = top_p
-        params.min_p = min_p
-        params.seed = seed & 0xFFFFFFFF
-        params.exact_match = exact_match
+    def set_sampler(self, seq: int, sampler: Optional[NativeSampler]) -> None:
+        """The sampler of a sequence (None: greedy, unconstrained). The caller keeps it alive
+        while it is set, and unsets it before freeing it."""
         with self.lock:
-            check_status(lib.pmtp_spec_set_sampling(self.ptr(), params), "set sampling")
+            check_status(lib.pmtp_spec_set_sampler(self.ptr(), seq, sampler.ptr() if sampler else ffi.NULL),
+                         "set the sampler")
 
     def set_lookup(self, ngram: int, min_tokens: int, max_tokens: int) -> None:
         params = ffi.new("pmtp_lookup_params *")
@@ -133,6 +129,10 @@ class NativeSpeculative(NativeHandle):
         with self.lock:
             active = check_status(lib.pmtp_spec_seq_state(self.ptr(), seq, id_last, n_past), "sequence state")
         return bool(active), int(id_last[0]), int(n_past[0])
+
+    def truncate(self, seq: int, n_keep: int) -> None:
+        with self._locked() as call:
+            call.check(lib.pmtp_spec_truncate(self.ptr(), seq, n_keep), "truncate the sequence")
 
     def reset_seq(self, seq: int) -> None:
         with self._locked(computes=False) as call:

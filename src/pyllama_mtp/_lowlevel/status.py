@@ -43,10 +43,11 @@ _ABORT_REASONS: dict[int, tuple[type[LlamaError], str]] = {
 }
 
 
-def check_status(status: int, action: str, abort_reason: int = 0) -> int:
+def check_status(status: int, action: str, abort_reason: int = 0, message: str = "") -> int:
     """Return a non-negative status unchanged; raise the matching exception otherwise.
 
-    ``abort_reason`` (a PMTP_ABORT_* value) says why an aborted call was stopped.
+    ``abort_reason`` (a PMTP_ABORT_* value) says why an aborted call was stopped;
+    ``message``, what the C side said about the failure (if it said anything).
     """
     if status >= 0:
         return status
@@ -54,5 +55,5 @@ def check_status(status: int, action: str, abort_reason: int = 0) -> int:
         error, text = _ABORT_REASONS[abort_reason]
         raise error(f"{action}: {text}")
     error = _STATUS_ERRORS.get(status, LlamaError)
-    text = _STATUS_TEXT.get(status, f"unknown status {status}")
+    text = message or _STATUS_TEXT.get(status, f"unknown status {status}")
     raise error(f"{action}: {text}")

@@ -1,0 +1,220 @@
+// The one sampler: see sampler.h.
+
+#include "sampler.h"
+#include "internal.h"
+
+#include "json.h"  // llama.cpp common/
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <exception>
+
+namespace pmtp {
+namespace {
+
+// Dense probabilities over the vocabulary from the candidates a chain left (their logits
+// are already scaled by temperature): softmax, zeros elsewhere.
+void dense_probs(const llama_token_data_array & cand, int32_t n_vocab, std::vector<float> & probs) {
+    probs.assign(n_vocab, 0.0f);
+    float max_logit = -INFINITY;
+    for (size_t i = 0; i < cand.size; i++) {
+        max_logit = std::max(max_logit, cand.data[i].logit);
+    }
+    if (!std::isfinite(max_logit)) {
+        // Nothing survived (a grammar that allows no token): the drawn token gets it all.
+        if (cand.selected >= 0) {
+            probs[cand.data[cand.selected].id] = 1.0f;
+        }
+        return;
+    }
+    double sum = 0.0;
+    for (size_t i = 0; i < cand.size; i++) {
+        sum += std::exp((double) cand.data[i].logit - max_logit);
+    }
+    for (size_t i = 0; i < cand.size; i++) {
+        probs[cand.data[i].id] = (float) (std::exp((double) cand.data[i].logit - max_logit) / sum);
+    }
+}
+
+common_grammar_type grammar_type_from_name(const std::string & name) {
+    if (name == "output_format") {
+        return COMMON_GRAMMAR_TYPE_OUTPUT_FORMAT;
+    }
+    if (name == "tool_calls") {
+        return COMMON_GRAMMAR_TYPE_TOOL_CALLS;
+    }
+    return COMMON_GRAMMAR_TYPE_USER;
+}
+
+// common_params_sampling for our chain, constrained as `constraint` (JSON, may be empty) says.
+common_params_sampling chain_params(const pmtp_sampling_params & params, const common_json & constraint,
+                                    bool with_grammar) {
+    common_params_sampling out;
+    out.seed = params.seed;
+    out.temp = params.temperature;
+    out.top_k = params.top_k;
+    out.top_p = params.top_p;
+    out.min_p = params.min_p;
+    out.min_keep = 1;
+    out.no_perf = true;
+    out.samplers = {COMMON_SAMPLER_TYPE_TOP_K, COMMON_SAMPLER_TYPE_TOP_P, COMMON_SAMPLER_TYPE_MIN_P,
+                    COMMON_SAMPLER_TYPE_TEMPERATURE};
+    if (!with_grammar || !constraint.is_object()) {
+        return out;
+    }
+    const std::string grammar = constraint.contains("grammar") ? constraint.at("grammar").get<std::string>() : "";
+    if (grammar.empty()) {
+        return out;
+    }
+    const std::string kind = constraint.contains("grammar_type") ? constraint.at("grammar_type").get<std::string>() : "user";
+    out.grammar = common_grammar(grammar_type_from_name(kind), grammar);
+    out.grammar_lazy = constraint.contains("grammar_lazy") && constraint.at("grammar_lazy").get<bool>();
+    if (constraint.contains("grammar_triggers")) {
+        const common_json & triggers = constraint.at("grammar_triggers");
+        for (size_t i = 0; i < triggers.size(); i++) {
+            const common_json & t = triggers.at(i);
+            common_grammar_trigger trigger;
+            trigger.type = (common_grammar_trigger_type) t.at("type").get<int>();
+            trigger.value = t.at("value").get<std::string>();
+            if (t.contains("token")) {
+                trigger.token = t.at("token").get<int>();
+            }
+            out.grammar_triggers.push_back(trigger);
+        }
+    }
+    if (constraint.contains("generation_prompt")) {
+        out.generation_prompt = constraint.at("generation_prompt").get<std::string>();
+    }
+    return out;
+}
+
+}  // namespace
+
+llama_token sample_target(pmtp_sampler & smp, llama_context * ctx, int32_t idx, std::vector<float> * probs) {
+    const llama_token id = common_sampler_sample(smp.target.get(), ctx, idx, /* grammar_first */ true);
+    if (probs != nullptr) {
+        dense_probs(*common_sampler_get_candidates(smp.target.get(), false), smp.n_vocab, *probs);
+    }
+    return id;
+}
+
+llama_token sample_draft(pmtp_sampler & smp, const float * logits, std::vector<float> & q) {
+    smp.cur.resize(smp.n_vocab);
+    for (llama_token id = 0; id < smp.n_vocab; id++) {
+        smp.cur[id] = llama_token_data{id, logits[id], 0.0f};
+    }
+    llama_token_data_array cand = {smp.cur.data(), smp.cur.size(), -1, false};
+    llama_sampler_apply(common_sampler_get(smp.draft.get()), &cand);
+    dense_probs(cand, smp.n_vocab, q);
+    return cand.selected >= 0 ? cand.data[cand.selected].id : 0;
+}
+
+void accept(pmtp_sampler & smp, llama_token token) {
+    common_sampler_accept(smp.target.get(), token, /* is_generated */ true);
+}
+
+double uniform01(std::mt19937_64 & rng) {
+    return std::uniform_real_distribution<double>(0.0, 1.0)(rng);
+}
+
+int32_t sample_index(const std::vector<float> & probs, std::mt19937_64 & rng) {
+    double total = 0.0;
+    for (float p : probs) {
+        total += p;
+    }
+    const double target = uniform01(rng) * total;
+    double cumulative = 0.0;
+    int32_t last_nonzero = 0;
+    for (size_t i = 0; i < probs.size(); i++) {
+        if (probs[i] > 0.0f) {
+            cumulative += probs[i];
+            last_nonzero = (int32_t) i;
+            if (target < cumulative) {
+                return (int32_t) i;
+            }
+        }
+    }
+    return last_nonzero;  // rounding at the very end of the range
+}
+
+}  // namespace pmtp
+
+extern "C" {
+
+int32_t pmtp_sampler_new(const llama_model * model, const pmtp_sampling_params * params, const char * constraint_json,
+                         pmtp_sampler ** out, char ** error) {
+    if (out == nullptr) {
+        return PMTP_ERR_ARGUMENT;
+    }
+    *out = nullptr;
+    if (model == nullptr || params == nullptr || !std::isfinite(params->temperature) || params->top_k < 0 ||
+        !(params->top_p > 0.0f && params->top_p <= 1.0f) || !(params->min_p >= 0.0f && params->min_p < 1.0f)) {
+        return pmtp::fail(error, PMTP_ERR_ARGUMENT, "invalid sampling parameters");
+    }
+    try {
+        const common_json constraint = constraint_json != nullptr && constraint_json[0] != '\0'
+            ? common_json::parse(constraint_json) : common_json();
+        auto smp = std::make_unique<pmtp_sampler>();
+        smp->params = *params;
+        smp->vocab = llama_model_get_vocab(model);
+        smp->n_vocab = llama_vocab_n_tokens(smp->vocab);
+        smp->rng.seed(params->seed);
+        common_params_sampling target = pmtp::chain_params(*params, constraint, true);
+        common_params_sampling draft = pmtp::chain_params(*params, constraint, false);
+        smp->target.reset(common_sampler_init(model, target));
+        smp->draft.reset(common_sampler_init(model, draft));
+        if (!smp->target || !smp->draft) {
+            return pmtp::fail(error, PMTP_ERR_ARGUMENT, "llama.cpp could not build the sampler");
+        }
+        *out = smp.release();
+        return PMTP_OK;
+    } catch (const std::bad_alloc &) {
+        return pmtp::fail(error, PMTP_ERR_ALLOC, "out of memory");
+    } catch (const std::exception & e) {
+        return pmtp::fail(error, PMTP_ERR_ARGUMENT, e.what());
+    }
+}
+
+void pmtp_sampler_free(pmtp_sampler * sampler) {
+    delete sampler;
+}
+
+int32_t pmtp_sampler_sample(pmtp_sampler * sampler, llama_context * ctx, int32_t idx, llama_token * out) {
+    if (sampler == nullptr || ctx == nullptr || out == nullptr) {
+        return PMTP_ERR_ARGUMENT;
+    }
+    try {
+        if (llama_get_logits_ith(ctx, idx) == nullptr) {
+            return PMTP_ERR_ARGUMENT;
+        }
+        *out = pmtp::sample_target(*sampler, ctx, idx, nullptr);
+        pmtp::accept(*sampler, *out);
+        return PMTP_OK;
+    } catch (const std::bad_alloc &) {
+        return PMTP_ERR_ALLOC;
+    } catch (const std::exception &) {
+        return PMTP_ERR_INTERNAL;
+    }
+}
+
+int32_t pmtp_sampler_accept(pmtp_sampler * sampler, llama_token token) {
+    if (sampler == nullptr || token < 0 || token >= sampler->n_vocab) {
+        return PMTP_ERR_ARGUMENT;
+    }
+    try {
+        pmtp::accept(*sampler, token);
+        return PMTP_OK;
+    } catch (const std::exception &) {
+        return PMTP_ERR_ARGUMENT;  // the grammar cannot take this token
+    }
+}
+
+void pmtp_sampler_reset(pmtp_sampler * sampler) {
+    if (sampler != nullptr) {
+        common_sampler_reset(sampler->target.get());
+        sampler->rng.seed(sampler->params.seed);
+    }
+}
+
+}  // extern "C"
