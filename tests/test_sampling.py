@@ -1,14 +1,15 @@
 """Lossless speculative sampling at temperature > 0.
 
 The first tokens of thousands of seeded runs with MTP must follow the same distribution
-as plain sampling with llama.cpp's sampler chain. A two-sample chi-square test at
-significance 0.01 decides, and the test measures its own power by simulation against
-distributions 0.05 and 0.10 (total variation) away.
+as plain sampling with llama.cpp's sampler chain, with and without a grammar. A
+two-sample chi-square test at significance 0.01 decides, and the test measures its own
+power by simulation against distributions 0.05 and 0.10 (total variation) away.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 
 import numpy as np
@@ -26,10 +27,15 @@ ALPHA = 0.01  # significance of the test
 def plain_runs(model, n_runs, temperature, seed, prompt=None, **filters):
     counts = collections.Counter()
     prompt = model.tokenize(PROMPT) if prompt is None else prompt
-    with model.context(n_ctx=64, **CTX) as ctx, Sampler(temperature, seed=seed, **filters) as sampler:
-        for _ in range(n_runs):
+    # A grammar's state carries from one run to the next (the fixture writes partial UTF-8
+    # characters): each run then starts a fresh sampler, seeded apart.
+    fresh = "grammar" in filters
+    with model.context(n_ctx=64, **CTX) as ctx, Sampler(temperature, seed=seed, **filters) as shared:
+        for run in range(n_runs):
             ctx.seq_rm(0)
-            counts[tuple(ctx.generate(prompt, max_tokens=K, sampler=sampler, stop_at_eog=False))] += 1
+            with Sampler(temperature, seed=seed + run, **filters) if fresh else contextlib.nullcontext(shared) \
+                    as sampler:
+                counts[tuple(ctx.generate(prompt, max_tokens=K, sampler=sampler, stop_at_eog=False))] += 1
     return counts
 
 
@@ -40,7 +46,9 @@ def speculative_runs(model, n_runs, temperature, seed, exact_match=False, prompt
     with SpeculativeDecoder.create(model, n_ctx=64, n_draft=3, temperature=temperature, seed=seed,
                                    exact_match=exact_match, lookup_ngram=lookup_ngram, **filters,
                                    **CTX) as decoder:
-        for _ in range(n_runs):
+        for run in range(n_runs):
+            if "grammar" in filters:  # a fresh grammar per run, as in plain_runs
+                decoder.set_sampling(temperature, seed=seed + run, exact_match=exact_match, **filters)
             decoder.reset()
             decoder.prefill(prompt)
             produced = []
@@ -104,10 +112,14 @@ def power(reference: dict, n: int, shift: float = 0.05, trials: int = 200) -> fl
 # about as often as exact matches. The eps 0.5 fixture follows its successor rule almost
 # everywhere: at T=1 target and head spread their mass alike over hundreds of tokens,
 # which is where sampled drafts must accept clearly more often.
+# With a grammar the target's p is the constrained distribution (lowercase letters masked,
+# and, as everywhere in llama.cpp's grammars, bytes that would break a UTF-8 character)
+# while drafts stay free.
 @pytest.mark.parametrize("arch, fixture, temperature, filters", [
     ("qwen35", {}, 0.12, {}),
     ("glm4moe", {}, 0.3, {"top_k": 40, "top_p": 0.95, "min_p": 0.3}),
     ("qwen35", {"eps": 0.5}, 1.0, {}),
+    ("qwen35", {}, 0.12, {"grammar": "root ::= [^a-z]*"}),
 ])
 def test_speculative_sampling_has_the_distribution_of_plain_sampling(model_path, arch, fixture, temperature,
                                                                      filters, backend_name):
@@ -136,7 +148,10 @@ def test_speculative_sampling_has_the_distribution_of_plain_sampling(model_path,
     assert p > ALPHA, (stat, dof, p)
     exact_stat, exact_dof = chi_square(plain, exact)
     assert p_value(exact_stat, exact_dof) > ALPHA
-    assert accepted > 0.3 and accepted_exact > 0.3
+    # Under the grammar the byte fixture's drafts often break a UTF-8 character or write a
+    # masked letter: fewer survive (measured 19%), still well above none.
+    floor = 0.1 if "grammar" in filters else 0.3
+    assert accepted > floor and accepted_exact > floor
     if fixture:  # target and head both spread: p/q acceptance beats matching a sample
         assert accepted > accepted_exact + 0.1, (accepted, accepted_exact)
 

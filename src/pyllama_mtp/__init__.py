@@ -28,6 +28,7 @@ from .errors import (
     StateError,
 )
 from .generation import Sampler, TextStream, generate, stream_text
+from .grammar import Grammar
 from .model import Model, quantize
 from .speculative import MemoryReport, SpeculativeDecoder, SpeculativeStats
 
@@ -37,6 +38,7 @@ __all__ = [
     "Context",
     "Batch",
     "Sampler",
+    "Grammar",
     "SpeculativeDecoder",
     "SpeculativeStats",
     "MemoryReport",

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Iterator, Optional, Sequence, U
 import numpy as np
 
 from . import _lowlevel
-from ._resource import Resource, native_handle
+from ._resource import Resource
 from .errors import InvalidArgumentError, NoMTPError, StateError
 from .generation import Sampler, generate
 
@@ -379,7 +379,7 @@ class Context(Resource):
     # -- generation -------------------------------------------------------------------
     def sample(self, sampler: Sampler, index: int = -1) -> int:
         """Choose a token with ``sampler`` from output ``index`` of the last batch."""
-        return native_handle(sampler).sample(self._native, self._output_index(index))
+        return sampler._native_sampler(self.model).sample(self._native, self._output_index(index))
 
     def generate(self, prompt: Union[str, Iterable[int]], *, max_tokens: int = 128,
                  sampler: Optional[Sampler] = None, seq_id: int = 0, stop_at_eog: bool = True,

@@ -6,30 +6,44 @@ import codecs
 from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Union
 
 from . import _lowlevel
-from ._resource import Resource
-from .errors import InvalidArgumentError
+from ._resource import Resource, native_handle
+from .errors import ClosedError, InvalidArgumentError
+from .grammar import GrammarLike, as_grammar
 
 if TYPE_CHECKING:  # annotations only: Context imports this module
     from .context import Context
     from .model import Model
 
 
+def check_sampling(temperature: float, top_k: int, top_p: float, min_p: float) -> None:
+    """Raise InvalidArgumentError for sampling settings llama.cpp's chain cannot take."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise InvalidArgumentError(f"temperature must be a number >= 0, got {temperature!r}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise InvalidArgumentError(f"top_k must be an int >= 0, got {top_k!r}")
+    if not 0.0 < top_p <= 1.0 or not 0.0 <= min_p < 1.0:
+        raise InvalidArgumentError(
+            f"need 0 < top_p <= 1 and 0 <= min_p < 1 (got top_p={top_p!r}, min_p={min_p!r})")
+
+
 class Sampler(Resource):
-    """llama.cpp's sampler chain. ``temperature <= 0`` is greedy (argmax).
+    """llama.cpp's sampler (common_sampler). ``temperature <= 0`` is greedy (argmax).
 
     Otherwise: top-k, top-p, min-p (each skipped at its neutral value), temperature,
-    then a draw seeded by ``seed``, so a run is reproducible.
+    then a draw seeded by ``seed``, so a run is reproducible. ``grammar`` (GBNF text or a
+    :class:`~pyllama_mtp.Grammar`) constrains every choice. The speculative decoder
+    draws from this same implementation, so both produce the same distribution.
+    A sampler serves the first model it is used with.
     """
 
     def __init__(self, temperature: float = 0.0, *, top_k: int = 0, top_p: float = 1.0,
-                 min_p: float = 0.0, seed: int = 0) -> None:
-        if top_k < 0 or not 0.0 < top_p <= 1.0 or not 0.0 <= min_p < 1.0:
-            raise InvalidArgumentError(
-                f"need top_k >= 0, 0 < top_p <= 1 and 0 <= min_p < 1 (got {top_k}, {top_p}, {min_p})")
+                 min_p: float = 0.0, seed: int = 0, grammar: GrammarLike = None) -> None:
+        check_sampling(temperature, top_k, top_p, min_p)
         self.temperature = float(temperature)
-        self._native = _lowlevel.NativeSampler(
-            temperature=self.temperature, top_k=int(top_k), top_p=float(top_p),
-            min_p=float(min_p), seed=int(seed))
+        self.top_k, self.top_p, self.min_p, self.seed = int(top_k), float(top_p), float(min_p), int(seed)
+        self.grammar = as_grammar(grammar)
+        self._model: Optional["Model"] = None
+        self._bound: Optional[_lowlevel.NativeSampler] = None
         self._mark_open()
 
     @classmethod
@@ -40,15 +54,34 @@ class Sampler(Resource):
     def is_greedy(self) -> bool:
         return self.temperature <= 0.0
 
+    def native_for(self, model: "Model", *, exact_match: bool = False) -> _lowlevel.NativeSampler:
+        """A new native sampler with these settings for ``model`` (the caller owns it)."""
+        return _lowlevel.NativeSampler(
+            native_handle(model), temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+            min_p=self.min_p, seed=self.seed, exact_match=exact_match,
+            constraint=self.grammar.constraint() if self.grammar else None)
+
+    def _native_sampler(self, model: "Model") -> _lowlevel.NativeSampler:
+        if self.closed:
+            raise ClosedError("this sampler is closed")
+        if self._bound is None:
+            self._bound, self._model = self.native_for(model), model
+        elif self._model is not model:
+            raise InvalidArgumentError("this sampler serves another model; make one per model")
+        return self._bound
+
     def sample(self, context: "Context", index: int = -1) -> int:
         """Choose a token from output ``index`` of the context's last batch."""
         return context.sample(self, index)
 
     def reset(self) -> None:
-        self._native.reset()
+        """Back to the start: grammar state and random stream."""
+        if self._bound is not None:
+            self._bound.reset()
 
     def _release(self) -> None:
-        self._native.free()
+        if self._bound is not None:
+            self._bound.free()
 
 
 def generate(context: "Context", prompt: Union[str, Iterable[int]], *, max_tokens: int = 128,
@@ -95,12 +128,13 @@ def generate(context: "Context", prompt: Union[str, Iterable[int]], *, max_token
 class TextStream:
     """Turns a stream of token ids into text, holding back incomplete UTF-8 characters."""
 
-    def __init__(self, model: "Model") -> None:
+    def __init__(self, model: "Model", *, special: Iterable[int] = ()) -> None:
         self._model = model
+        self._special = frozenset(special)  # control tokens to render as their text
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
 
     def push(self, token: int) -> str:
-        return self._decoder.decode(self._model.token_to_piece(token))
+        return self._decoder.decode(self._model.token_to_piece(token, special=token in self._special))
 
     def flush(self) -> str:
         return self._decoder.decode(b"", final=True)

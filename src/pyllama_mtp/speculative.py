@@ -19,6 +19,8 @@ from ._resource import Resource, native_handle
 from .adaptive import AdaptiveDraft
 from .context import Context, time_limit
 from .errors import ContextFullError, InvalidArgumentError
+from .generation import Sampler, check_sampling
+from .grammar import GrammarLike
 from .stats import MemoryReport, SpeculativeStats
 
 __all__ = ["SpeculativeDecoder", "SpeculativeStats", "MemoryReport"]
@@ -77,6 +79,8 @@ class SpeculativeDecoder(Resource):
             if adaptive else []
         self._wall_s = 0.0
         self._owned: list[Context] = []
+        # Each sequence's native sampler (None: greedy, unconstrained), owned here.
+        self._samplers: list[Optional[_lowlevel.NativeSampler]] = [None] * target.n_seq_max
         self._mark_open()
 
     @classmethod
@@ -85,7 +89,7 @@ class SpeculativeDecoder(Resource):
                flash_attn: Optional[bool] = None, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, min_p: float = 0.0, seed: int = 0,
                exact_match: bool = False, adaptive: bool = False, lookup_ngram: int = 0,
-               lookup_min: int = 2, lookup_max: int = 8) -> "SpeculativeDecoder":
+               lookup_min: int = 2, lookup_max: int = 8, grammar: GrammarLike = None) -> "SpeculativeDecoder":
         """Make both contexts with the right settings and a decoder that owns them.
 
         Sampling arguments: see :meth:`set_sampling` (default: greedy). ``lookup_ngram``
@@ -111,9 +115,9 @@ class SpeculativeDecoder(Resource):
             raise
         decoder._owned = [draft, target]
         try:
-            if temperature > 0:
+            if temperature > 0 or grammar is not None:
                 decoder.set_sampling(temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed,
-                                     exact_match=exact_match)
+                                     exact_match=exact_match, grammar=grammar)
             if lookup_ngram:
                 decoder.set_lookup(lookup_ngram, min_tokens=lookup_min, max_tokens=lookup_max)
         except BaseException:
@@ -144,31 +148,52 @@ class SpeculativeDecoder(Resource):
         self._native.set_lookup(ngram, min_tokens, max_tokens)
 
     def set_sampling(self, temperature: float = 0.0, *, top_k: int = 0, top_p: float = 1.0,
-                     min_p: float = 0.0, seed: int = 0, exact_match: bool = False) -> None:
+                     min_p: float = 0.0, seed: int = 0, exact_match: bool = False,
+                     grammar: GrammarLike = None, seq_id: Optional[int] = None) -> None:
         """How :meth:`step` picks tokens; ``temperature=0`` is greedy (the default).
 
         At ``temperature > 0`` the MTP head samples each draft token from its own
         distribution q (same filters), and the target accepts it with probability
         min(1, p/q), drawing from the residual max(0, p - q) on a rejection (speculative
         sampling): the tokens have exactly the distribution of plain sampling with
-        ``Sampler(temperature, top_k=, top_p=, min_p=)``, and more drafts survive than
-        with ``exact_match=True``, which keeps a draft token only when the target's own
-        sample equals it. ``seed`` restarts the decoder's random stream.
+        ``Sampler(temperature, top_k=, top_p=, min_p=, grammar=)``, and more drafts
+        survive than with ``exact_match=True``, which keeps a draft token only when the
+        target's own sample equals it.
+
+        ``grammar`` (GBNF text or a :class:`Grammar`) constrains the target's choice at
+        verification; drafts stay unconstrained and survive only where the constrained
+        target agrees (greedy) or by the rule above against the constrained p. The
+        grammar advances over accepted tokens only. Greedy constrained output equals
+        plain constrained output token for token.
+
+        ``seq_id=None`` sets every sequence (sequence i seeded with ``seed + i``); one
+        sequence's settings are its own (a server's requests differ). Each call starts
+        a fresh grammar and random stream.
         """
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
-            raise InvalidArgumentError(f"temperature must be >= 0, got {temperature!r}")
-        if not isinstance(top_k, int) or top_k < 0:
-            raise InvalidArgumentError(f"top_k must be an int >= 0, got {top_k!r}")
-        if not 0.0 < top_p <= 1.0:
-            raise InvalidArgumentError(f"top_p must be in (0, 1], got {top_p!r}")
-        if not 0.0 <= min_p < 1.0:
-            raise InvalidArgumentError(f"min_p must be in [0, 1), got {min_p!r}")
-        self._native.set_sampling(float(temperature), top_k, float(top_p), float(min_p), int(seed),
-                                  bool(exact_match))
+        check_sampling(temperature, top_k, top_p, min_p)
+        settings = Sampler(temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, grammar=grammar)
+        seqs = range(self.n_seq) if seq_id is None else [self._check_seq(seq_id)]
+        model = self._target.model
+        try:
+            for seq in seqs:
+                native = None
+                if not settings.is_greedy or settings.grammar is not None:
+                    settings.seed = seed + seq if seq_id is None else seed
+                    native = settings.native_for(model, exact_match=bool(exact_match))
+                self._native.set_sampler(seq, native)
+                # Unset first, then freed: the C step never sees a freed sampler.
+                old, self._samplers[seq] = self._samplers[seq], native
+                if old is not None:
+                    old.free()
+        finally:
+            settings.close()
 
     # -- lifetime ---------------------------------------------------------------------
     def _release(self) -> None:
         self._native.free()
+        for sampler in self._samplers:
+            if sampler is not None:
+                sampler.free()
         for ctx in self._owned:
             ctx.close()
 
@@ -380,6 +405,18 @@ class SpeculativeDecoder(Resource):
         if not active:
             raise InvalidArgumentError(f"sequence {seq_id} has not been prefilled")
         return token, n_past
+
+    def truncate(self, n_keep: int, seq_id: int = 0) -> None:
+        """Keep the first ``n_keep`` tokens of a sequence (its pending token included), the
+        last of them pending: a conversation then continues from a common prefix with
+        :meth:`prefill`. A recurrent target goes back only as far as its snapshots:
+        further back, :class:`StateError` is raised and the sequence is reset."""
+        seq_id = self._check_seq(seq_id)
+        active, _, n_past = self._native.seq_state(seq_id)
+        if not active or not isinstance(n_keep, int) or not 2 <= n_keep <= n_past:
+            raise InvalidArgumentError(f"n_keep must be an int in [2, {n_past}] (tokens the sequence has "
+                                       f"evaluated), got {n_keep!r}")
+        self._native.truncate(seq_id, n_keep)
 
     def reset(self, seq_id: int = 0) -> None:
         """Forget a sequence in both contexts."""
