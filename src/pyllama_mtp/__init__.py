@@ -28,6 +28,8 @@ from .errors import (
     StateError,
 )
 from .generation import Sampler, TextStream, generate, stream_text
+from .chat import LLM, ChatDelta, ChatResponse, Completion, Usage
+from .chat_template import ChatTemplate, RenderedChat, parse_chat_output
 from .grammar import Grammar
 from .model import Model, quantize
 from .speculative import MemoryReport, SpeculativeDecoder, SpeculativeStats
@@ -39,6 +41,14 @@ __all__ = [
     "Batch",
     "Sampler",
     "Grammar",
+    "LLM",
+    "ChatTemplate",
+    "RenderedChat",
+    "parse_chat_output",
+    "ChatResponse",
+    "ChatDelta",
+    "Completion",
+    "Usage",
     "SpeculativeDecoder",
     "SpeculativeStats",
     "MemoryReport",

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
 from . import _lowlevel
 from ._resource import Resource
 from ._validate import check_gguf_file
+from .chat_template import ChatTemplate
 from .context import Context
 from .errors import InvalidArgumentError, ModelLoadError, NoMTPError
 
@@ -42,6 +43,7 @@ class Model(Resource):
         self._metadata = native.metadata()
         self._mtp_loaded = load_mtp and hp["n_layer_nextn"] > 0
         self._mtp_bytes: Optional[int] = None
+        self._chat_template: Optional[ChatTemplate] = None
         self._mark_open()
 
     @classmethod
@@ -96,6 +98,8 @@ class Model(Resource):
         super().close()
 
     def _release(self) -> None:
+        if self._chat_template is not None:
+            self._chat_template.close()
         self._release_when_unused()
 
     # -- properties -------------------------------------------------------------------
@@ -225,6 +229,37 @@ class Model(Resource):
             raise InvalidArgumentError(
                 f"token id {int(array[i])} at index {i} is outside the vocabulary [0, {self.n_vocab})")
         return array.astype(np.int32, copy=False)
+
+    # -- chat ---------------------------------------------------------------------------
+    @property
+    def chat_template(self) -> ChatTemplate:
+        """The model's own chat template (GGUF ``tokenizer.chat_template``), loaded by
+        llama.cpp as llama-server loads it (ChatML when the file has none)."""
+        if self._chat_template is None:
+            self._chat_template = ChatTemplate(model=self)
+        return self._chat_template
+
+    @property
+    def chat_template_names(self) -> list[str]:
+        """Names of the file's extra templates (``tokenizer.chat_template.<name>``)."""
+        prefix = "tokenizer.chat_template."
+        return sorted(key[len(prefix):] for key in self._metadata if key.startswith(prefix))
+
+    def named_chat_template(self, name: str) -> ChatTemplate:
+        """One of :attr:`chat_template_names` (e.g. ``"tool_use"``); the caller closes it."""
+        source = self._metadata.get(f"tokenizer.chat_template.{name}")
+        if source is None:
+            raise InvalidArgumentError(f"no chat template named {name!r} (have: {self.chat_template_names})")
+        return ChatTemplate(source)
+
+    def apply_chat_template(self, messages: Sequence[Mapping[str, Any]], *,
+                            tools: Optional[Sequence[Mapping[str, Any]]] = None,
+                            add_generation_prompt: bool = True, enable_thinking: Optional[bool] = None,
+                            **kwargs: Any) -> str:
+        """Render ``messages`` (OpenAI shapes) with the model's template, as llama-server
+        does; see :meth:`ChatTemplate.render` for the other arguments."""
+        return self.chat_template.render(messages, tools=tools, add_generation_prompt=add_generation_prompt,
+                                         enable_thinking=enable_thinking, **kwargs).prompt
 
     # -- convenience ------------------------------------------------------------------
     def context(self, **kwargs: Any) -> Context:
