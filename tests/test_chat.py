@@ -51,10 +51,11 @@ def test_greedy_chat_is_plain_decoding(chat_model_path, n_draft):
     assert 0 < usage.accepted_tokens < usage.drafted_tokens  # partial acceptance
 
 
-def test_json_schema_answer_is_plain_constrained_decoding(chat_model_path):
+@pytest.mark.parametrize("n_draft", [1, 2, 3, 4])
+def test_json_schema_answer_is_plain_constrained_decoding(chat_model_path, n_draft):
     messages = CONVERSATIONS["single"]
     response_format = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}}
-    with Model.load(chat_model_path()) as model, make_llm(model) as llm:
+    with Model.load(chat_model_path()) as model, make_llm(model, n_draft) as llm:
         rendered = model.chat_template.render(messages, json_schema=SCHEMA, enable_thinking=False)
         expected = parse_chat_output(plain_text(model, rendered, 300), rendered)
         response = llm.chat(messages, response_format=response_format, enable_thinking=False, max_tokens=300)
@@ -64,9 +65,10 @@ def test_json_schema_answer_is_plain_constrained_decoding(chat_model_path):
     assert response.finish_reason == "stop"  # the grammar ends the answer
 
 
-def test_stop_string_ends_the_answer_exactly(chat_model_path):
+@pytest.mark.parametrize("n_draft", [1, 2, 3, 4])
+def test_stop_string_ends_the_answer_exactly(chat_model_path, n_draft):
     messages = CONVERSATIONS["single"]
-    with Model.load(chat_model_path()) as model, make_llm(model) as llm:
+    with Model.load(chat_model_path()) as model, make_llm(model, n_draft) as llm:
         rendered = model.chat_template.render(messages, enable_thinking=False)
         full = parse_chat_output(plain_text(model, rendered, N_TOKENS), rendered)["content"]
         stop = full[25:28]
