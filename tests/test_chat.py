@@ -37,8 +37,15 @@ def make_llm(model, n_draft=3):
     return LLM(model, n_ctx=4096, n_draft=n_draft, **EXACT)
 
 
+def exact_backend_only(backend_name):
+    if backend_name != "cpu":
+        pytest.skip(f"backend {backend_name}: exact token equality is checked on the CPU run; batched "
+                    "arithmetic elsewhere flips near-ties")
+
+
 @pytest.mark.parametrize("n_draft", [1, 2, 3, 4])
-def test_greedy_chat_is_plain_decoding(chat_model_path, n_draft):
+def test_greedy_chat_is_plain_decoding(chat_model_path, n_draft, backend_name):
+    exact_backend_only(backend_name)
     messages = CONVERSATIONS["system_turns"]
     with Model.load(chat_model_path()) as model, make_llm(model, n_draft) as llm:
         rendered = model.chat_template.render(messages)
@@ -52,7 +59,8 @@ def test_greedy_chat_is_plain_decoding(chat_model_path, n_draft):
 
 
 @pytest.mark.parametrize("n_draft", [1, 2, 3, 4])
-def test_json_schema_answer_is_plain_constrained_decoding(chat_model_path, n_draft):
+def test_json_schema_answer_is_plain_constrained_decoding(chat_model_path, n_draft, backend_name):
+    exact_backend_only(backend_name)
     messages = CONVERSATIONS["single"]
     response_format = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}}
     with Model.load(chat_model_path()) as model, make_llm(model, n_draft) as llm:
@@ -66,7 +74,8 @@ def test_json_schema_answer_is_plain_constrained_decoding(chat_model_path, n_dra
 
 
 @pytest.mark.parametrize("n_draft", [1, 2, 3, 4])
-def test_stop_string_ends_the_answer_exactly(chat_model_path, n_draft):
+def test_stop_string_ends_the_answer_exactly(chat_model_path, n_draft, backend_name):
+    exact_backend_only(backend_name)
     messages = CONVERSATIONS["single"]
     with Model.load(chat_model_path()) as model, make_llm(model, n_draft) as llm:
         rendered = model.chat_template.render(messages, enable_thinking=False)
