@@ -131,8 +131,6 @@ PMTP_API int32_t pmtp_sampler_new(const struct llama_model * model, const pmtp_s
 PMTP_API void    pmtp_sampler_free(pmtp_sampler * sampler);
 /* Pick a token from output idx of ctx's last batch and accept it into the sampler. */
 PMTP_API int32_t pmtp_sampler_sample(pmtp_sampler * sampler, struct llama_context * ctx, int32_t idx, llama_token * out);
-/* Accept a token chosen elsewhere (PMTP_ERR_ARGUMENT when the grammar cannot take it). */
-PMTP_API int32_t pmtp_sampler_accept(pmtp_sampler * sampler, llama_token token);
 /* Back to the start: grammar state, history and random stream. */
 PMTP_API void    pmtp_sampler_reset(pmtp_sampler * sampler);
 

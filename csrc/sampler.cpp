@@ -7,8 +7,6 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
-#include <exception>
 
 namespace pmtp {
 namespace {
@@ -152,13 +150,12 @@ int32_t pmtp_sampler_new(const llama_model * model, const pmtp_sampling_params *
         !(params->top_p > 0.0f && params->top_p <= 1.0f) || !(params->min_p >= 0.0f && params->min_p < 1.0f)) {
         return pmtp::fail(error, PMTP_ERR_ARGUMENT, "invalid sampling parameters");
     }
-    try {
+    return pmtp::guarded([&] {
         const common_json constraint = constraint_json != nullptr && constraint_json[0] != '\0'
             ? common_json::parse(constraint_json) : common_json();
         auto smp = std::make_unique<pmtp_sampler>();
         smp->params = *params;
-        smp->vocab = llama_model_get_vocab(model);
-        smp->n_vocab = llama_vocab_n_tokens(smp->vocab);
+        smp->n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(model));
         smp->rng.seed(params->seed);
         common_params_sampling target = pmtp::chain_params(*params, constraint, true);
         common_params_sampling draft = pmtp::chain_params(*params, constraint, false);
@@ -168,12 +165,8 @@ int32_t pmtp_sampler_new(const llama_model * model, const pmtp_sampling_params *
             return pmtp::fail(error, PMTP_ERR_ARGUMENT, "llama.cpp could not build the sampler");
         }
         *out = smp.release();
-        return PMTP_OK;
-    } catch (const std::bad_alloc &) {
-        return pmtp::fail(error, PMTP_ERR_ALLOC, "out of memory");
-    } catch (const std::exception & e) {
-        return pmtp::fail(error, PMTP_ERR_ARGUMENT, e.what());
-    }
+        return (int32_t) PMTP_OK;
+    }, error, PMTP_ERR_ARGUMENT);  // a grammar or JSON that does not parse
 }
 
 void pmtp_sampler_free(pmtp_sampler * sampler) {
@@ -184,30 +177,14 @@ int32_t pmtp_sampler_sample(pmtp_sampler * sampler, llama_context * ctx, int32_t
     if (sampler == nullptr || ctx == nullptr || out == nullptr) {
         return PMTP_ERR_ARGUMENT;
     }
-    try {
+    return pmtp::guarded([&] {
         if (llama_get_logits_ith(ctx, idx) == nullptr) {
-            return PMTP_ERR_ARGUMENT;
+            return (int32_t) PMTP_ERR_ARGUMENT;
         }
         *out = pmtp::sample_target(*sampler, ctx, idx, nullptr);
         pmtp::accept(*sampler, *out);
-        return PMTP_OK;
-    } catch (const std::bad_alloc &) {
-        return PMTP_ERR_ALLOC;
-    } catch (const std::exception &) {
-        return PMTP_ERR_INTERNAL;
-    }
-}
-
-int32_t pmtp_sampler_accept(pmtp_sampler * sampler, llama_token token) {
-    if (sampler == nullptr || token < 0 || token >= sampler->n_vocab) {
-        return PMTP_ERR_ARGUMENT;
-    }
-    try {
-        pmtp::accept(*sampler, token);
-        return PMTP_OK;
-    } catch (const std::exception &) {
-        return PMTP_ERR_ARGUMENT;  // the grammar cannot take this token
-    }
+        return (int32_t) PMTP_OK;
+    });
 }
 
 void pmtp_sampler_reset(pmtp_sampler * sampler) {

@@ -16,7 +16,6 @@ struct pmtp_sampler {
     common_sampler_ptr draft;   // the same chain, never a grammar: q for sampled MTP drafts
     pmtp_sampling_params params = {};
     int32_t n_vocab = 0;
-    const llama_vocab * vocab = nullptr;
     std::mt19937_64 rng;        // acceptance tests and residual draws
     std::vector<llama_token_data> cur;
     std::vector<float> p, residual;

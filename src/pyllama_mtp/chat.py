@@ -108,7 +108,6 @@ class LLM(Resource):
         self.model = model
         self.decoder = SpeculativeDecoder.create(model, n_ctx=n_ctx, n_draft=n_draft, adaptive=adaptive,
                                                  n_threads=n_threads, n_batch=n_batch, flash_attn=flash_attn)
-        self._native = self.decoder
         self._owned_model: Optional[Model] = None
         self._held: list[int] = []  # tokens sequence 0 holds (its pending token last)
         self._mark_open()
@@ -216,7 +215,7 @@ class _Run:
         self.llm, self.tokens, self.grammar, self.sampling = llm, tokens, grammar, sampling
         self.max_tokens = room - 1 if max_tokens is None else min(max_tokens, room - 1)
         self.stops = StopMatcher(stops)
-        self.special = frozenset(special)
+        self.special = special
         self.finish_reason = "length"
         self.usage = Usage(len(tokens), 0, 0, 0, 0)
 
@@ -255,6 +254,13 @@ class _Run:
                                after.accepted - before.accepted)
 
 
+def _grown(before: str, after: Optional[str]) -> tuple[str, str]:
+    """(what a field grew by, its new value); a field the parser rewrote rather than
+    extended emits nothing and keeps its old value."""
+    after = after or ""
+    return (after[len(before):], after) if after.startswith(before) else ("", before)
+
+
 def _chat_deltas(run: _Run, rendered: RenderedChat) -> Iterator[ChatDelta]:
     """Stream a chat answer: parse the text so far (partially) and emit what each field grew by."""
     text, content, reasoning = "", "", ""
@@ -264,11 +270,8 @@ def _chat_deltas(run: _Run, rendered: RenderedChat) -> Iterator[ChatDelta]:
             partial = parse_chat_output(text, rendered, partial=True)
         except LlamaError:
             continue  # not readable yet: the next piece may complete it
-        new_content, new_reasoning = partial["content"] or "", partial["reasoning_content"] or ""
-        delta_c = new_content[len(content):] if new_content.startswith(content) else ""
-        delta_r = new_reasoning[len(reasoning):] if new_reasoning.startswith(reasoning) else ""
-        content, reasoning = (new_content if delta_c or new_content.startswith(content) else content,
-                              new_reasoning if delta_r or new_reasoning.startswith(reasoning) else reasoning)
+        delta_c, content = _grown(content, partial["content"])
+        delta_r, reasoning = _grown(reasoning, partial["reasoning_content"])
         if delta_c or delta_r:
             yield ChatDelta(content=delta_c, reasoning_content=delta_r)
     try:
@@ -276,9 +279,7 @@ def _chat_deltas(run: _Run, rendered: RenderedChat) -> Iterator[ChatDelta]:
     except LlamaError as error:  # output the family's parser cannot read: keep it as text
         logger.warning("chat output kept as plain content: %s", error)
         message = {"role": "assistant", "content": text, "reasoning_content": None, "tool_calls": []}
-    final_c = (message["content"] or "")
-    final_r = (message["reasoning_content"] or "")
     finish = "tool_calls" if message["tool_calls"] else run.finish_reason
-    yield ChatDelta(content=final_c[len(content):] if final_c.startswith(content) else "",
-                    reasoning_content=final_r[len(reasoning):] if final_r.startswith(reasoning) else "",
+    yield ChatDelta(content=_grown(content, message["content"])[0],
+                    reasoning_content=_grown(reasoning, message["reasoning_content"])[0],
                     finish_reason=finish, message=message, usage=run.usage)

@@ -54,11 +54,13 @@ class Sampler(Resource):
     def is_greedy(self) -> bool:
         return self.temperature <= 0.0
 
-    def native_for(self, model: "Model", *, exact_match: bool = False) -> _lowlevel.NativeSampler:
-        """A new native sampler with these settings for ``model`` (the caller owns it)."""
+    def native_for(self, model: "Model", *, exact_match: bool = False,
+                   seed: Optional[int] = None) -> _lowlevel.NativeSampler:
+        """A new native sampler with these settings (``seed`` replacing this one's, if given)
+        for ``model``; the caller owns it."""
         return _lowlevel.NativeSampler(
             native_handle(model), temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-            min_p=self.min_p, seed=self.seed, exact_match=exact_match,
+            min_p=self.min_p, seed=self.seed if seed is None else seed, exact_match=exact_match,
             constraint=self.grammar.constraint() if self.grammar else None)
 
     def _native_sampler(self, model: "Model") -> _lowlevel.NativeSampler:

@@ -19,7 +19,7 @@ from ._resource import Resource, native_handle
 from .adaptive import AdaptiveDraft
 from .context import Context, time_limit
 from .errors import ContextFullError, InvalidArgumentError
-from .generation import Sampler, check_sampling
+from .generation import Sampler
 from .grammar import GrammarLike
 from .stats import MemoryReport, SpeculativeStats
 
@@ -170,16 +170,15 @@ class SpeculativeDecoder(Resource):
         sequence's settings are its own (a server's requests differ). Each call starts
         a fresh grammar and random stream.
         """
-        check_sampling(temperature, top_k, top_p, min_p)
+        # Sampler checks the settings; the decoder owns one native sampler per sequence.
         settings = Sampler(temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed, grammar=grammar)
         seqs = range(self.n_seq) if seq_id is None else [self._check_seq(seq_id)]
-        model = self._target.model
         try:
             for seq in seqs:
                 native = None
                 if not settings.is_greedy or settings.grammar is not None:
-                    settings.seed = seed + seq if seq_id is None else seed
-                    native = settings.native_for(model, exact_match=bool(exact_match))
+                    native = settings.native_for(self._target.model, exact_match=bool(exact_match),
+                                                 seed=seed + seq if seq_id is None else seed)
                 self._native.set_sampler(seq, native)
                 # Unset first, then freed: the C step never sees a freed sampler.
                 old, self._samplers[seq] = self._samplers[seq], native

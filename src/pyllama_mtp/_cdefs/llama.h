@@ -8,7 +8,6 @@ typedef int32_t llama_seq_id;
 struct llama_model;
 struct llama_context;
 struct llama_vocab;
-struct llama_sampler;
 typedef struct llama_memory_i * llama_memory_t;
 
 enum llama_context_type { LLAMA_CONTEXT_TYPE_DEFAULT, LLAMA_CONTEXT_TYPE_MTP, ... };
@@ -100,18 +99,12 @@ struct llama_context_params {
     ...;
 };
 
-typedef struct llama_sampler_chain_params {
-    bool no_perf;
-    ...;
-} llama_sampler_chain_params;
-
 /* Setup and logging */
 void llama_backend_init(void);
 void llama_log_set(ggml_log_callback log_callback, void * user_data);
 const char * llama_print_system_info(void);
 struct llama_model_params   llama_model_default_params(void);
 struct llama_context_params llama_context_default_params(void);
-struct llama_sampler_chain_params llama_sampler_chain_default_params(void);
 
 /* Model */
 struct llama_model_quantize_params llama_model_quantize_default_params(void);
@@ -176,15 +169,3 @@ size_t llama_state_seq_get_size(struct llama_context * ctx, llama_seq_id seq_id)
 size_t llama_state_seq_get_data(struct llama_context * ctx, uint8_t * dst, size_t size, llama_seq_id seq_id);
 size_t llama_state_seq_set_data(struct llama_context * ctx, const uint8_t * src, size_t size, llama_seq_id dest_seq_id);
 
-/* Sampling */
-struct llama_sampler * llama_sampler_chain_init(struct llama_sampler_chain_params params);
-void                   llama_sampler_chain_add(struct llama_sampler * chain, struct llama_sampler * smpl);
-struct llama_sampler * llama_sampler_init_greedy(void);
-struct llama_sampler * llama_sampler_init_dist(uint32_t seed);
-struct llama_sampler * llama_sampler_init_top_k(int32_t k);
-struct llama_sampler * llama_sampler_init_top_p(float p, size_t min_keep);
-struct llama_sampler * llama_sampler_init_min_p(float p, size_t min_keep);
-struct llama_sampler * llama_sampler_init_temp(float t);
-llama_token            llama_sampler_sample(struct llama_sampler * smpl, struct llama_context * ctx, int32_t idx);
-void                   llama_sampler_reset(struct llama_sampler * smpl);
-void                   llama_sampler_free(struct llama_sampler * smpl);

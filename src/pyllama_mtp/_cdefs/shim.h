@@ -54,7 +54,6 @@ int32_t pmtp_sampler_new(const struct llama_model * model, const pmtp_sampling_p
                          const char * constraint_json, pmtp_sampler ** out, char ** error);
 void    pmtp_sampler_free(pmtp_sampler * sampler);
 int32_t pmtp_sampler_sample(pmtp_sampler * sampler, struct llama_context * ctx, int32_t idx, llama_token * out);
-int32_t pmtp_sampler_accept(pmtp_sampler * sampler, llama_token token);
 void    pmtp_sampler_reset(pmtp_sampler * sampler);
 
 /* chat */

@@ -7,35 +7,16 @@ import json
 from typing import Any, Callable, Optional
 
 from .._ffi import ffi, lib
-from .handle import NativeHandle
-from ..errors import InvalidArgumentError
+from .handle import NativeHandle, take_string, to_json
 from .model import NativeModel
 from .status import check_status
-
-
-def _take_string(ptr: Any) -> str:
-    """Read and free a string the shim allocated."""
-    if ptr == ffi.NULL:
-        return ""
-    try:
-        return ffi.string(ptr).decode("utf-8", "replace")
-    finally:
-        lib.pmtp_string_free(ptr)
-
-
-def to_json(value: Any, what: str) -> bytes:
-    """JSON text for the shim; InvalidArgumentError for what JSON cannot hold."""
-    try:
-        return json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
-    except (TypeError, ValueError) as error:
-        raise InvalidArgumentError(f"{what} must be JSON data: {error}") from None
 
 
 def call_json(function: Callable[[Any], int], action: str) -> str:
     """Call a shim function that hands back a string (the result, or the error message)."""
     out = ffi.new("char **")
     status = function(out)
-    text = _take_string(out[0])
+    text = take_string(out[0])
     check_status(status, action, message=text)
     return text
 
@@ -51,7 +32,7 @@ class NativeChatTemplates(NativeHandle):
         model_ptr = model.ptr() if model is not None else ffi.NULL
         source_c = source.encode("utf-8") if source else ffi.NULL
         status = lib.pmtp_chat_templates_new(model_ptr, source_c, out, error)
-        check_status(status, "load the chat template", message=_take_string(error[0]))
+        check_status(status, "load the chat template", message=take_string(error[0]))
         super().__init__(out[0])
 
     def _free(self, ptr: Any) -> None:

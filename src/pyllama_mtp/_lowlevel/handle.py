@@ -1,13 +1,14 @@
 """What every native handle shares: one owned pointer, one lock, freed exactly once;
-and reading C strings."""
+and strings and JSON across the C boundary."""
 
 from __future__ import annotations
 
+import json
 import threading
 from typing import Any, Callable, Optional
 
-from .._ffi import ffi
-from ..errors import ClosedError
+from .._ffi import ffi, lib
+from ..errors import ClosedError, InvalidArgumentError
 
 # ggml's RPC client shares one connection per server between all contexts and is not
 # thread-safe (concurrent contexts aborted the process in our thread tests). Once an RPC
@@ -24,6 +25,23 @@ def share_one_lock_from_now_on() -> None:
 
 def c_string(ptr: Any) -> str:
     return ffi.string(ptr).decode("utf-8", "replace") if ptr != ffi.NULL else ""
+
+
+def take_string(ptr: Any) -> str:
+    """Read and free a string the shim allocated (pmtp_string_free)."""
+    try:
+        return c_string(ptr)
+    finally:
+        if ptr != ffi.NULL:
+            lib.pmtp_string_free(ptr)
+
+
+def to_json(value: Any, what: str) -> bytes:
+    """JSON text for the shim; InvalidArgumentError for what JSON cannot hold."""
+    try:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except (TypeError, ValueError) as error:
+        raise InvalidArgumentError(f"{what} must be JSON data: {error}") from None
 
 
 def read_sized_string(reader: Callable[[Any, int], int], initial: int = 256) -> Optional[str]:

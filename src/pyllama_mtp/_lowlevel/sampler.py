@@ -6,9 +6,8 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from .._ffi import ffi, lib
-from .chat import _take_string, to_json
 from .context import NativeContext
-from .handle import NativeHandle
+from .handle import NativeHandle, take_string, to_json
 from .model import NativeModel
 from .status import check_status
 
@@ -34,7 +33,7 @@ class NativeSampler(NativeHandle):
         error = ffi.new("char **")
         with model.lock:
             status = lib.pmtp_sampler_new(model.ptr(), params, payload, out, error)
-        check_status(status, "make the sampler", message=_take_string(error[0]))
+        check_status(status, "make the sampler", message=take_string(error[0]))
         super().__init__(out[0])
 
     def _free(self, ptr: Any) -> None:
@@ -45,10 +44,6 @@ class NativeSampler(NativeHandle):
         with self.lock, context.lock:
             check_status(lib.pmtp_sampler_sample(self.ptr(), context.ptr(), index, token), "sample")
         return int(token[0])
-
-    def accept(self, token: int) -> None:
-        with self.lock:
-            check_status(lib.pmtp_sampler_accept(self.ptr(), token), f"accept token {token} into the grammar")
 
     def reset(self) -> None:
         with self.lock:
