@@ -91,10 +91,16 @@ common_params_sampling chain_params(const pmtp_sampling_params & params, const c
 
 llama_token sample_target(pmtp_sampler & smp, llama_context * ctx, int32_t idx, std::vector<float> * probs) {
     const llama_token id = common_sampler_sample(smp.target.get(), ctx, idx, /* grammar_first */ true);
-    if (probs != nullptr) {
-        dense_probs(*common_sampler_get_candidates(smp.target.get(), false), smp.n_vocab, *probs);
+    if (smp.greedy() && probs == nullptr) {
+        return id;
     }
-    return id;
+    std::vector<float> & dense = probs != nullptr ? *probs : smp.p;
+    dense_probs(*common_sampler_get_candidates(smp.target.get(), false), smp.n_vocab, dense);
+    // Drawn in token-id order, not the chain's sorted order: logits that move a little
+    // (another batch shape) move the draw's boundaries a little, instead of reordering
+    // near-equal tokens under it. A seeded request then gives the same answer alone or
+    // in a server's shared batches.
+    return smp.greedy() ? id : sample_index(dense, smp.rng);
 }
 
 llama_token sample_draft(pmtp_sampler & smp, const float * logits, std::vector<float> & q) {
@@ -105,6 +111,9 @@ llama_token sample_draft(pmtp_sampler & smp, const float * logits, std::vector<f
     llama_token_data_array cand = {smp.cur.data(), smp.cur.size(), -1, false};
     llama_sampler_apply(common_sampler_get(smp.draft.get()), &cand);
     dense_probs(cand, smp.n_vocab, q);
+    if (!smp.greedy()) {
+        return sample_index(q, smp.rng);  // token-id order, as above
+    }
     return cand.selected >= 0 ? cand.data[cand.selected].id : 0;
 }
 
