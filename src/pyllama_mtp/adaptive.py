@@ -1,23 +1,33 @@
-"""Adaptive draft length: choose n_draft each step from what drafting has been paying.
+"""Adaptive draft lengths: each step, choose every sequence's n_draft from what drafting
+has been paying, for the batch as a whole.
 
-The expected number of tokens a step yields with n drafts is
-``1 + a_1 + a_1 a_2 + ... + a_1...a_n``, where ``a_i`` is the recent acceptance of draft
-position i given that the earlier ones were accepted. Its cost is the target's verify
-batch (measured, as a line in n) plus n MTP draft passes (measured per token). Each step
-takes the n with the most expected tokens per unit of cost, so a head that is often
-wrong (or a verify batch that is expensive on this machine) drafts less.
+A sequence drafting n tokens expects ``1 + a_1 + a_1 a_2 + ... + a_1...a_n`` tokens from
+the step, where ``a_i`` is its recent acceptance at draft position i given the earlier
+ones were accepted (:class:`AdaptiveDraft`, one per sequence). The step costs the
+verify batch and the drafter's catch-up, measured per row (every active sequence's
+pending token plus its drafts), plus the MTP passes, measured per drafted token
+(:class:`StepCost`, one per decoder). :func:`plan_drafts` adds draft tokens one at a time where
+they are expected to pay most, while they raise the batch's tokens per second. So a
+sequence whose head is often wrong drafts less, and as more sequences share the verify
+batch (its fixed cost spread over more of them) every draft must earn more: drafts
+shrink as a server's slots fill. Drafting nothing is one of the choices; every
+``explore_every`` steps a sequence drafts one more than planned, so a head that
+recovers is noticed.
 """
 
 from __future__ import annotations
+
+import heapq
+from typing import Optional, Sequence
 
 import numpy as np
 
 
 class AdaptiveDraft:
-    """Per-decoder state of the adaptive policy (see the module docstring)."""
+    """One sequence's recent acceptance at each draft position."""
 
-    #: every this many steps, draft one more than the best guess: positions past the
-    #: current length get evidence, so a head that improves is noticed.
+    #: every this many steps, draft one more than planned: positions past the current
+    #: length get evidence.
     explore_every = 8
 
     def __init__(self, n_max: int, initial: int, decay: float = 0.9) -> None:
@@ -25,44 +35,94 @@ class AdaptiveDraft:
         self.decay = decay
         self.steps = 0
         self.accept = np.full(n_max, 0.6)  # optimistic start: drafting gets tried
-        self.n = max(1, min(initial, n_max))
-        # Least-squares sums for verify time = a + b * n, with a weak prior b = 0.1 a.
-        self._fit = np.zeros(5)  # count, sum n, sum t, sum n*n, sum n*t
-        self.draft_s_per_token = 0.0
-        self.verify_s = 0.0
+        self.n = max(0, min(initial, n_max))  # the length last planned
 
-    def observe(self, n_drafted: int, n_accepted: int, verify_s: float, draft_s: float) -> None:
-        """One step's outcome: drafts made and kept, target and MTP seconds spent."""
+    def observe(self, n_drafted: int, n_accepted: int) -> None:
+        """One step's outcome for this sequence: drafts verified and kept."""
         for i in range(min(n_drafted, self.n_max)):
             if i > n_accepted:
                 break  # positions after the first rejection say nothing
             hit = 1.0 if i < n_accepted else 0.0
             self.accept[i] = self.decay * self.accept[i] + (1 - self.decay) * hit
-        if verify_s > 0:
-            self._fit *= self.decay  # recent steps count most
-            self._fit += (1.0, n_drafted, verify_s, n_drafted * n_drafted, n_drafted * verify_s)
-            self.verify_s = verify_s
-        if n_drafted > 0 and draft_s > 0:
-            per_token = draft_s / n_drafted
-            self.draft_s_per_token = (per_token if self.draft_s_per_token == 0.0 else
-                                      self.decay * self.draft_s_per_token + (1 - self.decay) * per_token)
         self.steps += 1
-        best = self.best()
-        self.n = min(best + 1, self.n_max) if self.steps % self.explore_every == 0 else best
 
-    def verify_cost(self, n: np.ndarray) -> np.ndarray:
-        count, sum_n, sum_t, sum_nn, sum_nt = self._fit
+    def gains(self) -> np.ndarray:
+        """Expected extra tokens from drafting position i (all earlier ones accepted)."""
+        return np.cumprod(self.accept)
+
+    @property
+    def exploring(self) -> bool:
+        return self.steps % self.explore_every == self.explore_every - 1
+
+
+class StepCost:
+    """Measured seconds of a step (verify batch, the drafter's catch-up over the verified
+    rows, MTP drafts) as ``a + b * rows + c * drafted``: least squares, recent steps
+    weighing most, with a weak prior (b and c a twentieth of a step) for what the steps
+    so far cannot tell apart."""
+
+    def __init__(self, decay: float = 0.95) -> None:
+        self.decay = decay
+        self._xtx = np.zeros((3, 3))
+        self._xty = np.zeros(3)
+
+    def observe(self, rows: int, drafted: int, seconds: float) -> None:
+        if rows <= 0 or seconds <= 0:
+            return
+        x = np.array([1.0, rows, drafted])
+        self._xtx = self.decay * self._xtx + np.outer(x, x)
+        self._xty = self.decay * self._xty + x * seconds
+
+    def coefficients(self) -> tuple[float, float, float]:
+        """(a, b, c): fixed seconds per step, per verified row, per drafted token."""
+        count = self._xtx[0, 0]
         if count == 0:
-            return 1.0 + 0.1 * n
-        mean_t = sum_t / count
-        variance = sum_nn / count - (sum_n / count) ** 2
-        slope = (sum_nt / count - (sum_n / count) * mean_t) / variance if variance > 1e-9 else 0.1 * mean_t
-        slope = max(slope, 0.0)
-        intercept = max(mean_t - slope * sum_n / count, 1e-9)
-        return intercept + slope * n
+            return 1.0, 0.05, 0.05
+        mean_t = self._xty[0] / count
+        weight = 0.01 * count
+        prior = np.array([0.0, 0.05 * mean_t, 0.05 * mean_t])
+        penalty = np.diag([0.0, weight, weight])
+        a, b, c = np.linalg.solve(self._xtx + penalty, self._xty + penalty @ prior)
+        return max(a, 1e-9), max(b, 0.0), max(c, 0.0)
 
-    def best(self) -> int:
-        n = np.arange(1, self.n_max + 1)
-        expected = 1.0 + np.cumsum(np.cumprod(self.accept[:self.n_max]))
-        cost = self.verify_cost(n) + n * self.draft_s_per_token
-        return int(n[np.argmax(expected / cost)])
+
+def plan_drafts(policies: Sequence[AdaptiveDraft], active: Sequence[bool], cost: StepCost,
+                fixed: Optional[Sequence[Optional[int]]] = None) -> list[int]:
+    """Each sequence's draft length for the next step (0 for inactive ones); a sequence
+    with a ``fixed`` length drafts that and shares the batch's cost."""
+    lengths = [0] * len(policies)
+    fixed = fixed or [None] * len(policies)
+    members = [seq for seq, on in enumerate(active) if on]
+    if not members:
+        return lengths
+    intercept, per_row, per_drafted = cost.coefficients()
+    per_draft = per_row + per_drafted  # a draft token adds a verified row too
+    tokens, seconds = float(len(members)), intercept + per_row * len(members)
+    planned = []
+    for seq in members:
+        if fixed[seq] is None:
+            planned.append(seq)
+        else:
+            lengths[seq] = int(fixed[seq])
+            tokens += float(policies[seq].gains()[:lengths[seq]].sum())
+            seconds += per_draft * lengths[seq]
+    gains = {seq: policies[seq].gains() for seq in planned}
+    # Greedy on the best marginal gain: each sequence's gains fall with length, so this
+    # finds the lengths with the most tokens per second.
+    heap = [(-gains[seq][0], seq) for seq in planned]
+    heapq.heapify(heap)
+    while heap:
+        gain, seq = heapq.heappop(heap)
+        gain = -gain
+        if gain * seconds <= per_draft * tokens:
+            break  # the best remaining draft would lower tokens per second
+        tokens += gain
+        seconds += per_draft
+        lengths[seq] += 1
+        if lengths[seq] < policies[seq].n_max:
+            heapq.heappush(heap, (-gains[seq][lengths[seq]], seq))
+    for seq in planned:
+        if policies[seq].exploring and lengths[seq] < policies[seq].n_max:
+            lengths[seq] += 1
+        policies[seq].n = lengths[seq]
+    return lengths

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import _lowlevel
 from ._resource import Resource, native_handle
-from .adaptive import AdaptiveDraft
+from .adaptive import AdaptiveDraft, StepCost, plan_drafts
 from .context import Context, time_limit
 from .errors import ContextFullError, InvalidArgumentError
 from .generation import Sampler
@@ -77,6 +77,8 @@ class SpeculativeDecoder(Resource):
         # One adaptive policy per sequence: each learns its own sequence's acceptance.
         self._policies = [AdaptiveDraft(self.n_draft, self.n_draft) for _ in range(target.n_seq_max)] \
             if adaptive else []
+        self._cost = StepCost()  # shared: the verify batch is
+        self._last_drafted = [0] * target.n_seq_max
         self._wall_s = 0.0
         self._owned: list[Context] = []
         # Each sequence's native sampler (None: greedy, unconstrained), owned here.
@@ -236,35 +238,53 @@ class SpeculativeDecoder(Resource):
         finally:
             self._wall_s += time.perf_counter() - start
 
-    def step(self, n_draft: Optional[int] = None) -> list[list[int]]:
+    def step(self, n_draft: Union[None, int, Sequence[Optional[int]]] = None) -> list[list[int]]:
         """One speculative step on every active sequence: the tokens each one produced.
 
         Each list holds the accepted draft tokens and the target's next token (at least
-        one token per active sequence).
+        one token per active sequence). ``n_draft``: None drafts the decoder's length (or
+        the adaptive plan); an int, that length for every sequence; a list, each
+        sequence's length, None entries planned (a server's per-request setting).
+        :attr:`last_drafted` says what each sequence drafted.
         """
-        policies = self._policies if n_draft is None else []
+        n_max = self._native.n_draft_max
+        fixed = [n_draft] * self.n_seq if n_draft is None or isinstance(n_draft, int) else list(n_draft)
+        if len(fixed) != self.n_seq or not all(
+                n is None or (isinstance(n, (int, np.integer)) and 0 <= n <= n_max) for n in fixed):
+            raise InvalidArgumentError(f"n_draft must be None, an int in [0, {n_max}] or one of those "
+                                       f"for each of the {self.n_seq} sequences")
+        policies = self._policies if any(n is None for n in fixed) else []
         if policies:
-            lengths = [policy.n for policy in policies]
+            active = [self._native.seq_state(seq)[0] for seq in range(self.n_seq)]
+            lengths = plan_drafts(policies, active, self._cost, fixed)
         else:
-            n_draft = self.n_draft if n_draft is None else n_draft
-            if not isinstance(n_draft, int) or not 0 <= n_draft <= self._native.n_draft_max:
-                raise InvalidArgumentError(f"n_draft must be in [0, {self._native.n_draft_max}]")
-            lengths = [n_draft] * self.n_seq
+            lengths = [self.n_draft if n is None else int(n) for n in fixed]
         before = self._native.timings_us() if policies else (0, 0)
         start = time.perf_counter()
         try:
             tokens, counts, drafted = self._native.step_each(lengths, self.p_min)
             produced = [tokens[seq, :counts[seq]].tolist() for seq in range(self.n_seq)]
+            # Lookup drafts come back as -(length + 1).
+            self._last_drafted = [d if d >= 0 else -d - 1 for d in drafted.tolist()]
         finally:
             self._wall_s += time.perf_counter() - start
         if policies:
             target_us, draft_us = (now - then for now, then in zip(self._native.timings_us(), before))
+            rows = sum(n + 1 for n, out in zip(self._last_drafted, produced) if out)
+            mtp_drafted = sum(d for d, out in zip(drafted.tolist(), produced) if out and d > 0)
+            self._cost.observe(rows, mtp_drafted, (target_us + draft_us) / 1e6)
             for policy, tokens_out, n_drafted in zip(policies, produced, drafted.tolist()):
                 # Inactive sequences produced nothing; lookup drafts (negative) say nothing
                 # about the MTP head.
                 if tokens_out and n_drafted >= 0:
-                    policy.observe(n_drafted, len(tokens_out) - 1, target_us / 1e6, draft_us / 1e6)
+                    policy.observe(n_drafted, len(tokens_out) - 1)
         return produced
+
+    @property
+    def last_drafted(self) -> list[int]:
+        """Each sequence's verified draft length (MTP or lookup) in the last :meth:`step`;
+        the step's tokens for that sequence hold the accepted part plus one."""
+        return list(self._last_drafted)
 
     @property
     def adaptive(self) -> Optional[AdaptiveDraft]:
