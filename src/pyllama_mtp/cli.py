@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from typing import Optional, Sequence
@@ -161,6 +162,24 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        from .server import serve
+    except ImportError as exc:  # starlette / uvicorn missing
+        print(f"pyllama-mtp serve: {exc.name or exc} is not installed: pip install 'pyllama_mtp[server]'",
+              file=sys.stderr)
+        return 2
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(f"pyllama-mtp serve: listening on {args.host} without --api-key: anyone who can reach it may use it",
+              file=sys.stderr)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key, alias=args.alias,
+          n_gpu_layers=args.n_gpu_layers, parallel=args.parallel, n_ctx=args.ctx_size, n_draft=args.draft,
+          adaptive=not args.fixed_draft, mtp=not args.no_mtp, queue_size=args.queue_size,
+          n_threads=args.threads)
+    return 0
+
+
 def _add_generation_options(parser: argparse.ArgumentParser, prompt_default: Optional[str]) -> None:
     parser.add_argument("-p", "--prompt", default=prompt_default, required=prompt_default is None,
                         help="text to continue")
@@ -232,6 +251,26 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     bench.add_argument("--drafts", type=int, nargs="+", default=[1, 2, 3, 4], help="n_draft values (default 1 2 3 4)")
     bench.set_defaults(func=cmd_bench)
+
+    server = commands.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching and MTP "
+                                               "(needs the server extra)")
+    server.add_argument("-m", "--model", required=True, help="GGUF file")
+    server.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    server.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    server.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (all but /health)")
+    server.add_argument("--alias", default=None, help="model name in the API (default: the file name)")
+    server.add_argument("-np", "--parallel", type=int, default=4, help="sequence slots (default 4)")
+    server.add_argument("-c", "--ctx-size", type=int, default=8192,
+                        help="context size shared by the slots (default 8192)")
+    server.add_argument("--draft", type=int, default=3, help="longest MTP draft per step (default 3)")
+    server.add_argument("--fixed-draft", action="store_true",
+                        help="always draft --draft tokens (default: adaptive, sized to the batch)")
+    server.add_argument("--adaptive", action="store_true", help="adaptive drafting (the default; kept for symmetry)")
+    server.add_argument("--no-mtp", action="store_true", help="plain decoding, no MTP")
+    server.add_argument("--queue-size", type=int, default=64, help="requests that may wait for a slot (default 64)")
+    server.add_argument("-ngl", "--n-gpu-layers", type=int, default=-1, help="layers on the GPU (default all)")
+    server.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all)")
+    server.set_defaults(func=cmd_serve)
 
     quant = commands.add_parser("quantize", help="quantize a GGUF with llama.cpp (MTP layers included)")
     quant.add_argument("model", help="GGUF file")
