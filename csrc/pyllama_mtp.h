@@ -182,6 +182,7 @@ PMTP_API void    pmtp_common_log_pause(void);
  */
 
 #define PMTP_MAX_DRAFT 16
+#define PMTP_DRAFT_REST (-1)
 
 typedef struct pmtp_spec pmtp_spec;
 
@@ -256,7 +257,9 @@ PMTP_API int32_t pmtp_spec_verify_row(const pmtp_spec * spec, llama_seq_id seq, 
 /* Keep n_accepted draft tokens, make `next` the pending token, roll back the rest. */
 PMTP_API int32_t pmtp_spec_accept(pmtp_spec * spec, llama_seq_id seq, int32_t n_accepted, llama_token next);
 /* One whole step for every active sequence, with a draft length per sequence
- * (n_draft[seq] >= 0). out_tokens: n_seq rows of (n_draft_max + 1); out_counts[seq]:
+ * (n_draft[seq] >= 0, or PMTP_DRAFT_REST: no draft, and the drafter does not catch up on
+ * this step's tokens, which saves its pass over them; its later drafts then lack those
+ * positions and may be kept less often, the output is the same). out_tokens: n_seq rows of (n_draft_max + 1); out_counts[seq]:
  * tokens produced (accepted drafts + 1); out_drafted (may be
  * NULL) receives each sequence's verified draft length, or -(length + 1) when the draft
  * came from n-gram lookup. */

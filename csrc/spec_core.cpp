@@ -78,15 +78,24 @@ int32_t catch_up(pmtp_spec & s, const std::vector<llama_seq_id> & seq_of, const 
             return PMTP_ERR_INTERNAL;
         }
         batch_ptr batch(s.dft);
+        std::vector<llama_pos> from = first_pos;
+        int32_t n_rows = 0;
         for (int32_t k = 0; k < n; k++) {
             const llama_seq_id seq = seq_of[k];
+            if (!s.resting.empty() && s.resting[seq]) {
+                from[seq] = -1;  // a resting drafter skips these positions
+                s.seqs[seq].drafter_gap = true;
+                continue;
+            }
+            resume_drafter(s, seq);
             const float * row = k == beg[seq] ? s.seqs[seq].pending_h.data() : h_tgt + (size_t) (k - 1) * n_embd;
             const int32_t idx = add_entry(batch.batch, seq, tok[k], pos[k], false, row, n_embd);
             if (idx < 0) {
                 return idx;
             }
+            n_rows++;
         }
-        const int32_t st = s.heads->catch_up(s.dft, batch.batch, first_pos);
+        const int32_t st = n_rows > 0 ? s.heads->catch_up(s.dft, batch.batch, from) : PMTP_OK;
         if (st != PMTP_OK) {
             return st;
         }
@@ -195,6 +204,13 @@ int32_t rollback(pmtp_spec & s, llama_seq_id seq, llama_pos from) {
         ok = llama_memory_seq_rm(llama_get_memory(s.dft), seq, from, -1) && ok;
     }
     return ok ? PMTP_OK : PMTP_ERR_STATE;
+}
+
+void resume_drafter(pmtp_spec & s, llama_seq_id seq) {
+    if (s.seqs[seq].drafter_gap && s.heads->own_memory()) {
+        llama_memory_seq_rm(llama_get_memory(s.dft), seq, -1, -1);
+    }
+    s.seqs[seq].drafter_gap = false;
 }
 
 void reset(pmtp_spec & s, llama_seq_id seq) {
@@ -309,6 +325,7 @@ int32_t draft(pmtp_spec & s, const int32_t * n_max, float p_min) {
         if (limit[seq] <= 0) {
             continue;
         }
+        resume_drafter(s, seq);
         const int32_t idx = add_entry(batch.batch, seq, q.id_last, q.n_past, true, q.pending_h.data(), n_embd);
         if (idx < 0) {
             return idx;

@@ -30,6 +30,7 @@ struct pmtp_seq {
     int32_t verify_beg = -1;         // batch index of id_last in the last verify batch
     std::vector<llama_token> history;  // every token of the sequence, id_last included
     bool draft_from_lookup = false;    // the current draft came from n-gram lookup
+    bool drafter_gap = false;          // the drafter skipped positions (PMTP_DRAFT_REST)
     pmtp_sampler * sampler = nullptr;  // the sequence's sampler (owned by the caller);
                                        // null: greedy, unconstrained (argmax rows)
 
@@ -109,6 +110,7 @@ struct pmtp_spec {
     pmtp_abort_state * dft_abort = nullptr;  // see pmtp_spec_set_draft_abort_state
     pmtp_lookup_params lookup = {};            // ngram 0: MTP drafts only
     std::vector<float> probs;                  // scratch, n_vocab
+    std::vector<char> resting;                 // this step: sequences whose drafter skips catch-up
 };
 
 // The core steps. Arguments are valid (checked by the exported API); each returns a
@@ -124,6 +126,9 @@ int32_t accept(pmtp_spec & s, llama_seq_id seq, int32_t n_accepted, llama_token 
 // cannot cut there, e.g. recurrent state further back than its snapshots).
 int32_t rollback(pmtp_spec & s, llama_seq_id seq, llama_pos from);
 void reset(pmtp_spec & s, llama_seq_id seq);
+// A drafter that rested lacks positions, and llama.cpp takes a sequence's new positions
+// only right after its last ones: it starts over (empty) from the next position it sees.
+void resume_drafter(pmtp_spec & s, llama_seq_id seq);
 // Keep the first n_keep tokens of a sequence (2 <= n_keep <= n_past), the last one pending.
 int32_t truncate(pmtp_spec & s, llama_seq_id seq, int32_t n_keep);
 int32_t step_each(pmtp_spec & s, const int32_t * n_draft_each, float p_min, llama_token * out_tokens,

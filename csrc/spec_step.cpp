@@ -107,6 +107,12 @@ int32_t step_each(pmtp_spec & s, const int32_t * n_draft_each, float p_min, llam
                   int32_t * out_counts, int32_t * out_drafted) {
     const int32_t stride = s.n_draft_max + 1;
     std::vector<int32_t> limits(s.n_seq);
+    s.resting.assign(s.n_seq, 0);
+    // Resting applies to this step's catch-up only (never to a later prefill).
+    struct end_rest {
+        std::vector<char> & resting;
+        ~end_rest() { resting.clear(); }
+    } rest_guard{s.resting};
     const int32_t n_ctx = (int32_t) llama_n_ctx_seq(s.tgt);
     int32_t n_draft = 0;  // the longest MTP draft asked for
     for (llama_seq_id seq = 0; seq < s.n_seq; seq++) {
@@ -114,6 +120,7 @@ int32_t step_each(pmtp_spec & s, const int32_t * n_draft_each, float p_min, llam
         if (out_drafted) {
             out_drafted[seq] = 0;
         }
+        s.resting[seq] = n_draft_each[seq] == PMTP_DRAFT_REST;
         // Never draft past the end of the context: the verify batch must fit.
         limits[seq] = std::max(0, std::min({n_draft_each[seq], s.n_draft_max, n_ctx - 1 - s.seqs[seq].n_past}));
         n_draft = std::max(n_draft, limits[seq]);

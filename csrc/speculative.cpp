@@ -188,7 +188,7 @@ int32_t pmtp_spec_set_sampler(pmtp_spec * s, llama_seq_id seq, pmtp_sampler * sa
 int32_t pmtp_spec_step_each(pmtp_spec * s, const int32_t * n_draft_each, float p_min, llama_token * out_tokens,
                             int32_t * out_counts, int32_t * out_drafted) {
     if (s == nullptr || n_draft_each == nullptr || out_tokens == nullptr || out_counts == nullptr ||
-        std::any_of(n_draft_each, n_draft_each + s->n_seq, [](int32_t n) { return n < 0; })) {
+        std::any_of(n_draft_each, n_draft_each + s->n_seq, [](int32_t n) { return n < PMTP_DRAFT_REST; })) {
         return PMTP_ERR_ARGUMENT;
     }
     return guarded([&] { return pmtp::spec::step_each(*s, n_draft_each, p_min, out_tokens, out_counts, out_drafted); });

@@ -3,21 +3,22 @@ has been paying, for the batch as a whole.
 
 A sequence drafting n tokens expects ``1 + a_1 + a_1 a_2 + ... + a_1...a_n`` tokens from
 the step, where ``a_i`` is its recent acceptance at draft position i given the earlier
-ones were accepted (:class:`AdaptiveDraft`, one per sequence). The step costs the
-verify batch and the drafter's catch-up, measured per row (every active sequence's
-pending token plus its drafts), plus the MTP passes, measured per drafted token
-(:class:`StepCost`, one per decoder). :func:`plan_drafts` adds draft tokens one at a time where
-they are expected to pay most, while they raise the batch's tokens per second. So a
-sequence whose head is often wrong drafts less, and as more sequences share the verify
-batch (its fixed cost spread over more of them) every draft must earn more: drafts
-shrink as a server's slots fill. Drafting nothing is one of the choices; every
-``explore_every`` steps a sequence drafts one more than planned, so a head that
-recovers is noticed.
+ones were accepted (:class:`AdaptiveDraft`, one per sequence). What a step costs is
+measured, not modelled: :class:`StepCost` keeps the recent wall time of steps by the
+number of active sequences and the number of draft rounds (the longest draft), since
+verify batches, the drafter's catch-up and each MTP round have fixed costs that no
+straight line in the rows captured (a fit of that kind drafted nothing at 8 sequences
+where 3 drafts each paid). :func:`plan_drafts` picks the number of rounds with the most
+expected tokens per second for the batch at hand, each sequence stopping where its own
+next draft is unlikely to be kept. So a head that is often wrong drafts less, and as
+more sequences share the verify batch drafting must earn more: drafts shrink as a
+server's slots fill. Drafting nothing is one of the choices. Every combination is tried
+once per batch size, and every ``explore_every`` steps a neighbour of the best is tried
+again, so a head that recovers (or a machine that got busier) is noticed.
 """
 
 from __future__ import annotations
 
-import heapq
 from typing import Optional, Sequence
 
 import numpy as np
@@ -56,73 +57,79 @@ class AdaptiveDraft:
 
 
 class StepCost:
-    """Measured seconds of a step (verify batch, the drafter's catch-up over the verified
-    rows, MTP drafts) as ``a + b * rows + c * drafted``: least squares, recent steps
-    weighing most, with a weak prior (b and c a twentieth of a step) for what the steps
-    so far cannot tell apart."""
+    """Recent wall seconds of a step, by (active sequences, draft rounds)."""
 
-    def __init__(self, decay: float = 0.95) -> None:
+    explore_every = 8
+
+    def __init__(self, decay: float = 0.8) -> None:
         self.decay = decay
-        self._xtx = np.zeros((3, 3))
-        self._xty = np.zeros(3)
+        self.steps = 0
+        self._seconds: dict[tuple[int, int], float] = {}
 
-    def observe(self, rows: int, drafted: int, seconds: float) -> None:
-        if rows <= 0 or seconds <= 0:
+    def observe(self, active: int, rounds: int, seconds: float) -> None:
+        self.steps += 1
+        if active <= 0 or seconds <= 0:
             return
-        x = np.array([1.0, rows, drafted])
-        self._xtx = self.decay * self._xtx + np.outer(x, x)
-        self._xty = self.decay * self._xty + x * seconds
+        key = (active, rounds)
+        old = self._seconds.get(key)
+        self._seconds[key] = seconds if old is None else self.decay * old + (1 - self.decay) * seconds
 
-    def coefficients(self) -> tuple[float, float, float]:
-        """(a, b, c): fixed seconds per step, per verified row, per drafted token."""
-        count = self._xtx[0, 0]
-        if count == 0:
-            return 1.0, 0.05, 0.05
-        mean_t = self._xty[0] / count
-        weight = 0.01 * count
-        prior = np.array([0.0, 0.05 * mean_t, 0.05 * mean_t])
-        penalty = np.diag([0.0, weight, weight])
-        a, b, c = np.linalg.solve(self._xtx + penalty, self._xty + penalty @ prior)
-        return max(a, 1e-9), max(b, 0.0), max(c, 0.0)
+    def seconds(self, active: int, rounds: int) -> Optional[float]:
+        return self._seconds.get((active, rounds))
+
+
+#: a sequence drafts position i only while the chance that it is kept (all earlier ones
+#: kept too) is at least this: a row that is usually thrown away costs more than it brings.
+MIN_KEEP_CHANCE = 0.2
 
 
 def plan_drafts(policies: Sequence[AdaptiveDraft], active: Sequence[bool], cost: StepCost,
                 fixed: Optional[Sequence[Optional[int]]] = None) -> list[int]:
     """Each sequence's draft length for the next step (0 for inactive ones); a sequence
-    with a ``fixed`` length drafts that and shares the batch's cost."""
+    with a ``fixed`` length drafts that."""
     lengths = [0] * len(policies)
     fixed = fixed or [None] * len(policies)
     members = [seq for seq, on in enumerate(active) if on]
-    if not members:
-        return lengths
-    intercept, per_row, per_drafted = cost.coefficients()
-    per_draft = per_row + per_drafted  # a draft token adds a verified row too
-    tokens, seconds = float(len(members)), intercept + per_row * len(members)
-    planned = []
+    planned = [seq for seq in members if fixed[seq] is None]
     for seq in members:
-        if fixed[seq] is None:
-            planned.append(seq)
-        else:
+        if fixed[seq] is not None:
             lengths[seq] = int(fixed[seq])
-            tokens += float(policies[seq].gains()[:lengths[seq]].sum())
-            seconds += per_draft * lengths[seq]
-    gains = {seq: policies[seq].gains() for seq in planned}
-    # Greedy on the best marginal gain: each sequence's gains fall with length, so this
-    # finds the lengths with the most tokens per second.
-    heap = [(-gains[seq][0], seq) for seq in planned]
-    heapq.heapify(heap)
-    while heap:
-        gain, seq = heapq.heappop(heap)
-        gain = -gain
-        if gain * seconds <= per_draft * tokens:
-            break  # the best remaining draft would lower tokens per second
-        tokens += gain
-        seconds += per_draft
-        lengths[seq] += 1
-        if lengths[seq] < policies[seq].n_max:
-            heapq.heappush(heap, (-gains[seq][lengths[seq]], seq))
-    for seq in planned:
-        if policies[seq].exploring and lengths[seq] < policies[seq].n_max:
-            lengths[seq] += 1
-        policies[seq].n = lengths[seq]
+    if not planned:
+        return lengths
+    gains = {seq: policies[seq].gains() for seq in members}
+    # How far each sequence's drafts are likely kept; one further now and then, so a head
+    # that recovers gets the evidence.
+    useful = {seq: int(np.argmin(np.append(gains[seq], 0.0) >= MIN_KEEP_CHANCE)) + policies[seq].exploring
+              for seq in planned}
+    n_max = max(policies[seq].n_max for seq in planned)
+
+    def lengths_for(rounds: int) -> dict[int, int]:
+        return {seq: min(rounds, useful[seq]) for seq in planned}
+
+    def rounds_of(chosen: dict[int, int]) -> int:
+        return max([*chosen.values(), *(lengths[seq] for seq in members)])
+
+    def expected_rate(rounds: int) -> Optional[float]:
+        chosen = lengths_for(rounds)
+        seconds = cost.seconds(len(members), rounds_of(chosen))
+        if seconds is None:
+            return None
+        tokens = sum(1.0 + float(gains[seq][:chosen.get(seq, lengths[seq])].sum()) for seq in members)
+        return tokens / seconds
+
+    rates = {rounds: expected_rate(rounds) for rounds in range(n_max + 1)}
+    untried = [rounds for rounds, rate in rates.items() if rate is None]
+    if untried:
+        best = untried[-1]  # the longest first: optimistic, and where drafting pays most
+    else:
+        best = max(rates, key=lambda rounds: rates[rounds] or 0.0)
+        # Now and then a neighbour, to follow changes; rarely one that measured far worse.
+        neighbour = min(best + 1, n_max) if (cost.steps // cost.explore_every) % 2 else max(best - 1, 0)
+        close = (rates[neighbour] or 0.0) >= 0.9 * (rates[best] or 0.0)
+        period = cost.explore_every if close else 4 * cost.explore_every
+        if cost.steps % period == period - 1:
+            best = neighbour
+    for seq, length in lengths_for(best).items():
+        lengths[seq] = length
+        policies[seq].n = length
     return lengths

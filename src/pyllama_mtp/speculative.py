@@ -257,22 +257,21 @@ class SpeculativeDecoder(Resource):
         if policies:
             active = [self._native.seq_state(seq)[0] for seq in range(self.n_seq)]
             lengths = plan_drafts(policies, active, self._cost, fixed)
+            # A planned sequence that drafts nothing also spares its drafter the catch-up.
+            run_lengths = [_lowlevel.PMTP_DRAFT_REST if n == 0 and fixed[seq] is None else n
+                           for seq, n in enumerate(lengths)]
         else:
-            lengths = [self.n_draft if n is None else int(n) for n in fixed]
-        before = self._native.timings_us() if policies else (0, 0)
+            lengths = run_lengths = [self.n_draft if n is None else int(n) for n in fixed]
         start = time.perf_counter()
         try:
-            tokens, counts, drafted = self._native.step_each(lengths, self.p_min)
+            tokens, counts, drafted = self._native.step_each(run_lengths, self.p_min)
             produced = [tokens[seq, :counts[seq]].tolist() for seq in range(self.n_seq)]
             # Lookup drafts come back as -(length + 1).
             self._last_drafted = [d if d >= 0 else -d - 1 for d in drafted.tolist()]
         finally:
             self._wall_s += time.perf_counter() - start
         if policies:
-            target_us, draft_us = (now - then for now, then in zip(self._native.timings_us(), before))
-            rows = sum(n + 1 for n, out in zip(self._last_drafted, produced) if out)
-            mtp_drafted = sum(d for d, out in zip(drafted.tolist(), produced) if out and d > 0)
-            self._cost.observe(rows, mtp_drafted, (target_us + draft_us) / 1e6)
+            self._cost.observe(sum(map(bool, produced)), max(lengths), time.perf_counter() - start)
             for policy, tokens_out, n_drafted in zip(policies, produced, drafted.tolist()):
                 # Inactive sequences produced nothing; lookup drafts (negative) say nothing
                 # about the MTP head.

@@ -70,6 +70,7 @@ void    pmtp_common_log_pause(void);
 
 /* MTP speculative decoding */
 #define PMTP_MAX_DRAFT ...
+#define PMTP_DRAFT_REST ...
 typedef struct pmtp_spec pmtp_spec;
 typedef struct pmtp_spec_stats {
     int32_t n_draft_max;

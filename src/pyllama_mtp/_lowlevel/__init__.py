@@ -15,7 +15,7 @@ from .context import ContextConfig, NativeContext
 from .interrupt import monotonic_us
 from .model import NativeModel
 from .sampler import NativeSampler
-from .speculative import PMTP_MAX_DRAFT_CAPACITY, NativeSpeculative
+from .speculative import PMTP_DRAFT_REST, PMTP_MAX_DRAFT_CAPACITY, NativeSpeculative
 from .status import check_status
 from .system import (
     QUANT_TYPES,
@@ -32,7 +32,7 @@ from .system import (
 
 __all__ = [
     "ContextConfig", "NativeChatTemplates", "NativeContext", "NativeModel", "NativeSampler", "NativeSpeculative",
-    "PMTP_MAX_DRAFT_CAPACITY", "QUANT_TYPES", "DeviceInfo", "add_rpc_server", "check_status",
+    "PMTP_DRAFT_REST", "PMTP_MAX_DRAFT_CAPACITY", "QUANT_TYPES", "DeviceInfo", "add_rpc_server", "check_status",
     "chat_parse", "compiled_backends", "cpu_features", "default_threads", "devices", "json_schema_to_grammar",
     "llama_commit",
     "monotonic_us", "quantize", "shim_version",

@@ -15,6 +15,8 @@ from .sampler import NativeSampler
 from .status import check_status
 
 PMTP_MAX_DRAFT_CAPACITY = int(lib.PMTP_MAX_DRAFT)
+# A draft length that also skips the drafter's catch-up on the step's tokens.
+PMTP_DRAFT_REST = int(lib.PMTP_DRAFT_REST)
 # The statistics fields, as the shim's header declares them (the one list of them).
 _STATS_FIELDS = tuple(name for name, _ in ffi.typeof("pmtp_spec_stats").fields)
 
