@@ -49,6 +49,48 @@ def _as_request_error(error: BaseException) -> protocol.RequestError:
     return protocol.RequestError("internal error: see the server log", status=500, kind="server_error")
 
 
+class _Inbox:
+    """A job's events on the event loop. Pieces already waiting come out as one: under load
+    the loop then writes a chunk per batch of tokens rather than per token (the engine
+    thread needs the GIL too)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._queue: asyncio.Queue[Event] = asyncio.Queue()
+        self._held: Optional[Event] = None
+
+    def put(self, event: Event) -> None:
+        """From the engine thread."""
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        except RuntimeError:
+            pass  # the event loop is gone (shutdown)
+
+    async def next(self, request: Request, job: Job) -> Optional[Event]:
+        """The job's next event; None if the client went away (the job is then cancelled)."""
+        if self._held is not None:
+            event, self._held = self._held, None
+            return event
+        while True:
+            try:
+                event = await asyncio.wait_for(self._queue.get(), timeout=0.5)
+                break
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    job.cancel()
+                    return None
+        if not isinstance(event, Piece):
+            return event
+        texts = [event.text]
+        while not self._queue.empty():
+            following = self._queue.get_nowait()
+            if not isinstance(following, Piece):
+                self._held = following
+                break
+            texts.append(following.text)
+        return Piece("".join(texts))
+
+
 class _Api:
     def __init__(self, engine: Engine, model_name: str, api_key: Optional[str], limits: protocol.Limits) -> None:
         self.engine, self.model_name, self.limits = engine, model_name, limits
@@ -115,16 +157,8 @@ class _Api:
             prompt = await run_in_threadpool(prepare_chat if chat else prepare_completion, model, **parsed.prepare)
         except (InvalidArgumentError, LlamaError, TypeError, ValueError) as error:
             raise protocol.RequestError(str(error)) from None
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue[Event] = asyncio.Queue()
-
-        def sink(event: Event) -> None:  # on the engine thread
-            try:
-                loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:
-                pass  # the event loop is gone (shutdown)
-
-        job = Job(prompt, parsed.max_tokens, parsed.sampling, parsed.n_draft, sink)
+        events = _Inbox(asyncio.get_running_loop())
+        job = Job(prompt, parsed.max_tokens, parsed.sampling, parsed.n_draft, events.put)
         try:
             self.engine.submit(job)
         except (QueueFullError, InvalidArgumentError) as error:
@@ -132,7 +166,7 @@ class _Api:
         try:
             # Wait for the first event before answering: a request the engine refuses
             # (a grammar llama.cpp cannot compile) still gets its 4xx.
-            first = await self._next(events, request, job)
+            first = await events.next(request, job)
         except BaseException:
             job.cancel()
             raise
@@ -145,23 +179,13 @@ class _Api:
                                      media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
         return await self._collect(first, events, request, job, request_id, chat_output)
 
-    async def _next(self, events: "asyncio.Queue[Event]", request: Request, job: Job) -> Optional[Event]:
-        """The job's next event; None if the client went away (the job is then cancelled)."""
-        while True:
-            try:
-                return await asyncio.wait_for(events.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    job.cancel()
-                    return None
-
-    async def _collect(self, event: Optional[Event], events: "asyncio.Queue[Event]", request: Request, job: Job,
+    async def _collect(self, event: Optional[Event], events: _Inbox, request: Request, job: Job,
                        request_id: str, chat_output: Optional[ChatOutput]) -> Response:
         text = []
         try:
             while isinstance(event, Piece):
                 text.append(event.text)
-                event = await self._next(events, request, job)
+                event = await events.next(request, job)
         except BaseException:
             job.cancel()
             raise
@@ -182,7 +206,7 @@ class _Api:
         return JSONResponse(protocol.envelope(request_id, self.model_name, True, chunk=False, choices=choices,
                                               **extra))
 
-    async def _stream(self, event: Optional[Event], events: "asyncio.Queue[Event]", request: Request, job: Job,
+    async def _stream(self, event: Optional[Event], events: _Inbox, request: Request, job: Job,
                       request_id: str, chat_output: Optional[ChatOutput],
                       parsed: protocol.GenerationRequest) -> AsyncIterator[str]:
         chat = chat_output is not None
@@ -201,7 +225,7 @@ class _Api:
                     delta = chat_output.push(event.text)
                     if delta is not None:
                         yield sse([protocol.chat_choice(delta=_delta_json(delta.content, delta.reasoning_content))])
-                event = await self._next(events, request, job)
+                event = await events.next(request, job)
             if event is None:
                 return
             if isinstance(event, Failed):
