@@ -12,9 +12,10 @@ where 3 drafts each paid). :func:`plan_drafts` picks the number of rounds with t
 expected tokens per second for the batch at hand, each sequence stopping where its own
 next draft is unlikely to be kept. So a head that is often wrong drafts less, and as
 more sequences share the verify batch drafting must earn more: drafts shrink as a
-server's slots fill. Drafting nothing is one of the choices. Every combination is tried
-once per batch size, and every ``explore_every`` steps a neighbour of the best is tried
-again, so a head that recovers (or a machine that got busier) is noticed.
+server's slots fill. Drafting nothing is one of the choices. Every number of rounds is
+tried once (other batch sizes start from the nearest one measured), and every
+``explore_every`` steps a neighbour of the best is tried again (every eighth time only if
+it measured far worse), so a head that recovers or a machine that got busier is noticed.
 """
 
 from __future__ import annotations
@@ -75,7 +76,16 @@ class StepCost:
         self._seconds[key] = seconds if old is None else self.decay * old + (1 - self.decay) * seconds
 
     def seconds(self, active: int, rounds: int) -> Optional[float]:
-        return self._seconds.get((active, rounds))
+        """Measured for this many sequences, else scaled from the nearest count measured
+        (a server's batch size changes all the time: each need not be explored anew)."""
+        measured = self._seconds.get((active, rounds))
+        if measured is not None:
+            return measured
+        known = [count for count, r in self._seconds if r == rounds]
+        if not known:
+            return None
+        nearest = min(known, key=lambda count: abs(count - active))
+        return self._seconds[(nearest, rounds)] * active / nearest
 
 
 #: a sequence drafts position i only while the chance that it is kept (all earlier ones
@@ -103,33 +113,36 @@ def plan_drafts(policies: Sequence[AdaptiveDraft], active: Sequence[bool], cost:
               for seq in planned}
     n_max = max(policies[seq].n_max for seq in planned)
 
-    def lengths_for(rounds: int) -> dict[int, int]:
-        return {seq: min(rounds, useful[seq]) for seq in planned}
-
-    def rounds_of(chosen: dict[int, int]) -> int:
-        return max([*chosen.values(), *(lengths[seq] for seq in members)])
+    # One option per number of draft rounds the step would really run (a cap past every
+    # sequence's useful length runs the same step as a shorter one).
+    options: dict[int, dict[int, int]] = {}
+    for cap in range(n_max + 1):
+        chosen = {seq: min(cap, useful[seq]) for seq in planned}
+        options.setdefault(max([*chosen.values(), *(lengths[seq] for seq in members)]), chosen)
 
     def expected_rate(rounds: int) -> Optional[float]:
-        chosen = lengths_for(rounds)
-        seconds = cost.seconds(len(members), rounds_of(chosen))
+        seconds = cost.seconds(len(members), rounds)
         if seconds is None:
             return None
-        tokens = sum(1.0 + float(gains[seq][:chosen.get(seq, lengths[seq])].sum()) for seq in members)
-        return tokens / seconds
+        chosen = options[rounds]
+        return sum(1.0 + float(gains[seq][:chosen.get(seq, lengths[seq])].sum()) for seq in members) / seconds
 
-    rates = {rounds: expected_rate(rounds) for rounds in range(n_max + 1)}
+    rates = {rounds: expected_rate(rounds) for rounds in options}
     untried = [rounds for rounds, rate in rates.items() if rate is None]
     if untried:
-        best = untried[-1]  # the longest first: optimistic, and where drafting pays most
+        best = max(untried)  # the longest first: optimistic, and where drafting pays most
     else:
         best = max(rates, key=lambda rounds: rates[rounds] or 0.0)
         # Now and then a neighbour, to follow changes; rarely one that measured far worse.
-        neighbour = min(best + 1, n_max) if (cost.steps // cost.explore_every) % 2 else max(best - 1, 0)
-        close = (rates[neighbour] or 0.0) >= 0.9 * (rates[best] or 0.0)
-        period = cost.explore_every if close else 4 * cost.explore_every
+        ordered = sorted(rates)
+        at = ordered.index(best)
+        up = (cost.steps // cost.explore_every) % 2
+        neighbour = ordered[min(at + 1, len(ordered) - 1)] if up else ordered[max(at - 1, 0)]
+        close = (rates[neighbour] or 0.0) >= 0.97 * (rates[best] or 0.0)
+        period = cost.explore_every if close else 8 * cost.explore_every
         if cost.steps % period == period - 1:
             best = neighbour
-    for seq, length in lengths_for(best).items():
+    for seq, length in options[best].items():
         lengths[seq] = length
         policies[seq].n = length
     return lengths
