@@ -76,17 +76,19 @@ class StepCost:
         self._seconds[key] = seconds if old is None else self.decay * old + (1 - self.decay) * seconds
 
     def seconds(self, active: int, rounds: int) -> Optional[float]:
-        """Measured for this many sequences, else scaled from the nearest count measured
-        (a server's batch size changes all the time: each need not be explored anew)."""
+        """Measured for this many sequences; else taken from the nearest count measured,
+        relative to a length measured at both counts where there is one (a server's batch
+        size changes all the time: each need not be explored anew, and the plan only
+        compares lengths at one batch size)."""
         measured = self._seconds.get((active, rounds))
         if measured is not None:
             return measured
-        known = [count for count, r in self._seconds if r == rounds]
-        if not known:
-            return None
-        nearest = min(known, key=lambda count: abs(count - active))
-        return self._seconds[(nearest, rounds)] * active / nearest
-
+        known = sorted((count for count, r in self._seconds if r == rounds), key=lambda count: abs(count - active))
+        for count in known:
+            for (here, anchor), seconds in self._seconds.items():
+                if here == active and (count, anchor) in self._seconds:
+                    return seconds * self._seconds[(count, rounds)] / self._seconds[(count, anchor)]
+        return self._seconds[(known[0], rounds)] if known else None
 
 #: a sequence drafts position i only while the chance that it is kept (all earlier ones
 #: kept too) is at least this: a row that is usually thrown away costs more than it brings.
