@@ -1,0 +1,213 @@
+"""Our server against llama.cpp's own llama-server, on the same model and the same load.
+
+    pip install ".[bench,server]" -C cmake.define.PYLLAMA_MTP_NATIVE_TOOLS=ON
+    python benchmarks/server_bench.py [--clients 1 4 8] [--tokens 64] [--requests 2] [--repeats 3]
+
+For a high- and a low-acceptance fixture (qwen35, f32), each server in turn (ours with MTP,
+adaptive by default; ours --no-mtp; llama-server --spec-type draft-mtp; llama-server
+without speculation; all with --parallel 8 and the same threads) serves N concurrent
+clients, each sending ``--requests`` greedy streamed completions of ``--tokens`` tokens
+over 127.0.0.1. Measured: aggregate completion tokens/s (all tokens / wall time of the
+load, prompts included) and the median time to first token. Repetitions are interleaved
+(every server once, then again); each goal's ratio is the median of the per-repetition
+ratios, with their range. Writes benchmarks/results/server_latest.{json,md,png} and prints
+each goal, met or not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import pathlib
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import httpx
+
+from pyllama_mtp import fixtures
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+RESULTS = REPO / "benchmarks" / "results"
+MODELS = {"high acceptance (0.9)": 0.9, "low acceptance (0.4)": 0.4}
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _llama_server() -> str:
+    found = sorted(REPO.glob("build/*/bin/llama-server"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        sys.exit("no llama-server in build/*/bin: install with -C cmake.define.PYLLAMA_MTP_NATIVE_TOOLS=ON")
+    return str(found[-1])
+
+
+def server_commands(model: str, port: int, threads: int, parallel: int, n_ctx: int, draft: int) -> dict:
+    ours = [sys.executable, "-m", "pyllama_mtp", "serve", "-m", model, "--port", str(port), "--threads", str(threads),
+            "--parallel", str(parallel), "--ctx-size", str(n_ctx), "--draft", str(draft)]
+    native = [_llama_server(), "-m", model, "--port", str(port), "--host", "127.0.0.1", "-t", str(threads),
+              "-np", str(parallel), "-c", str(n_ctx), "--no-webui", "-lv", "0"]
+    return {
+        "ours MTP": ours,
+        "ours no-MTP": ours + ["--no-mtp"],
+        "llama-server MTP": native + ["--spec-type", "draft-mtp", "--spec-draft-n-max", str(draft)],
+        "llama-server no-MTP": native,
+    }
+
+
+def start(command: list, url: str) -> subprocess.Popen:
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{command[0]} exited with {process.returncode}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    process.kill()
+    raise RuntimeError("the server did not start within 180 s")
+
+
+def one_request(url: str, prompt: str, tokens: int) -> tuple[int, float]:
+    """(completion tokens, seconds to the first token) of one streamed greedy completion."""
+    body = {"prompt": prompt, "max_tokens": tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, "ignore_eos": True}
+    start, first, produced = time.perf_counter(), None, 0
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if first is None and chunk.get("choices") and chunk["choices"][0].get("text"):
+                first = time.perf_counter() - start
+            if chunk.get("usage"):
+                produced = chunk["usage"]["completion_tokens"]
+    return produced, first if first is not None else float("nan")
+
+
+def load(url: str, clients: int, requests: int, tokens: int) -> tuple[float, float]:
+    """(aggregate tokens/s, median TTFT s) of ``clients`` concurrent clients."""
+    def client(index: int) -> list:
+        return [one_request(url, f"Client {index} request {r}: once upon a time", tokens) for r in range(requests)]
+
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        results = [item for batch in pool.map(client, range(clients)) for item in batch]
+    wall = time.perf_counter() - start
+    return sum(n for n, _ in results) / wall, statistics.median(t for _, t in results)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--requests", type=int, default=2, help="requests per client")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repetitions")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--draft", type=int, default=3)
+    parser.add_argument("--n-embd", type=int, default=1024)
+    parser.add_argument("--n-layer", type=int, default=8)
+    args = parser.parse_args()
+    parallel = max(args.clients)
+    rows = []
+    for label, acceptance in MODELS.items():
+        model = fixtures.make_model("qwen35", n_embd=args.n_embd, n_layer=args.n_layer, acceptance=acceptance)
+        for repeat in range(args.repeats):
+            port = _free_port()
+            url = f"http://127.0.0.1:{port}"
+            for name, command in server_commands(model, port, args.threads, parallel, 1024 * parallel,
+                                                 args.draft).items():
+                process = start(command, url)
+                try:
+                    load(url, 1, 1, 8)  # warm-up
+                    for clients in args.clients:
+                        rate, ttft = load(url, clients, args.requests, args.tokens)
+                        rows.append({"model": label, "server": name, "clients": clients, "repeat": repeat,
+                                     "tokens_per_s": rate, "ttft_s": ttft})
+                        print(f"{label:22} #{repeat} {name:20} {clients} clients: {rate:7.1f} tok/s, "
+                              f"TTFT {ttft * 1e3:6.0f} ms", flush=True)
+                finally:
+                    process.terminate()
+                    process.wait(timeout=30)
+    report(rows, args)
+
+
+def _median(rows: list, key: str, **where: Any) -> float:
+    return statistics.median(r[key] for r in rows if all(r[k] == v for k, v in where.items()))
+
+
+def _ratio(rows: list, model: str, clients: int, over: str, under: str) -> list:
+    """The per-repetition ratios of two servers' tokens/s."""
+    rates = {(r["server"], r["repeat"]): r["tokens_per_s"] for r in rows
+             if r["model"] == model and r["clients"] == clients}
+    repeats = sorted({repeat for _, repeat in rates})
+    return [rates[(over, repeat)] / rates[(under, repeat)] for repeat in repeats]
+
+
+def report(rows: list, args: argparse.Namespace) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "server_latest.json").write_text(json.dumps({"settings": vars(args), "rows": rows}, indent=1))
+    servers = list(dict.fromkeys(r["server"] for r in rows))
+    lines = [f"Medians of {args.repeats} interleaved repetitions; {args.requests} streamed greedy requests of "
+             f"{args.tokens} tokens per client; {args.threads} threads.", "",
+             "| model | server | clients | tokens/s | median TTFT (ms) |", "|---|---|---|---|---|"]
+    for model in MODELS:
+        for server in servers:
+            for clients in args.clients:
+                where = {"model": model, "server": server, "clients": clients}
+                lines.append(f"| {model} | {server} | {clients} | {_median(rows, 'tokens_per_s', **where):.1f} | "
+                             f"{_median(rows, 'ttft_s', **where) * 1e3:.0f} |")
+    high, low = list(MODELS)
+    goals = []
+    if 4 in args.clients:
+        goals.append(("ours MTP / llama-server MTP, 4 clients, high acceptance", 0.9,
+                      _ratio(rows, high, 4, "ours MTP", "llama-server MTP")))
+        goals.append(("ours MTP / ours no-MTP, 4 clients, high acceptance", 1.2,
+                      _ratio(rows, high, 4, "ours MTP", "ours no-MTP")))
+    for model in (high, low):
+        for clients in args.clients:
+            if model == low or clients == max(args.clients):
+                goals.append((f"ours MTP / ours no-MTP, {clients} clients, {model}", 0.97,
+                              _ratio(rows, model, clients, "ours MTP", "ours no-MTP")))
+    lines += ["", "| goal | target | ratio (median) | range | met |", "|---|---|---|---|---|"]
+    for goal, target, ratios in goals:
+        median = statistics.median(ratios)
+        lines.append(f"| {goal} | >= {target} | {median:.2f} | {min(ratios):.2f}-{max(ratios):.2f} | "
+                     f"{'yes' if median >= target else 'no'} |")
+    (RESULTS / "server_latest.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    figure, axes = plt.subplots(1, len(MODELS), figsize=(11, 4), sharey=True)
+    for axis, model in zip(axes, MODELS):
+        for server in servers:
+            points = [(clients, _median(rows, "tokens_per_s", model=model, server=server, clients=clients))
+                      for clients in args.clients]
+            axis.plot(*zip(*points), marker="o", label=server)
+        axis.set_title(model)
+        axis.set_xlabel("concurrent clients")
+        axis.set_xticks(args.clients)
+    axes[0].set_ylabel("aggregate tokens/s")
+    axes[0].legend()
+    figure.tight_layout()
+    figure.savefig(RESULTS / "server_latest.png", dpi=100)
+
+
+if __name__ == "__main__":
+    main()
