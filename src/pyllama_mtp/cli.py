@@ -263,9 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
     server.add_argument("-c", "--ctx-size", type=int, default=8192,
                         help="context size shared by the slots (default 8192)")
     server.add_argument("--draft", type=int, default=3, help="longest MTP draft per step (default 3)")
-    server.add_argument("--fixed-draft", action="store_true",
-                        help="always draft --draft tokens (default: adaptive, sized to the batch)")
-    server.add_argument("--adaptive", action="store_true", help="adaptive drafting (the default; kept for symmetry)")
+    drafting = server.add_mutually_exclusive_group()
+    drafting.add_argument("--adaptive", action="store_true",
+                          help="draft lengths planned for the batch each step, at most --draft (the default)")
+    drafting.add_argument("--fixed-draft", action="store_true", help="always draft --draft tokens")
     server.add_argument("--no-mtp", action="store_true", help="plain decoding, no MTP")
     server.add_argument("--queue-size", type=int, default=64, help="requests that may wait for a slot (default 64)")
     server.add_argument("-ngl", "--n-gpu-layers", type=int, default=-1, help="layers on the GPU (default all)")

@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..answer import ChatOutput, prepare_chat, prepare_completion
-from ..errors import ContextFullError, InvalidArgumentError, LlamaError
+from ..errors import InvalidArgumentError, LlamaError
 from . import protocol
 from .engine import Engine, Event, Failed, Finished, Job, Piece, QueueFullError
 from .metrics import render_metrics
@@ -41,9 +41,7 @@ def _as_request_error(error: BaseException) -> protocol.RequestError:
         return error
     if isinstance(error, QueueFullError):
         return protocol.RequestError(str(error), status=503, kind="server_error", code="queue_full")
-    if isinstance(error, (InvalidArgumentError, ContextFullError)):
-        return protocol.RequestError(str(error))
-    if isinstance(error, LlamaError):  # llama.cpp rejected the request's template, schema or grammar
+    if isinstance(error, LlamaError):  # a bad argument, or llama.cpp rejected the template, schema or grammar
         return protocol.RequestError(str(error))
     logger.error("request failed", exc_info=error)
     return protocol.RequestError("internal error: see the server log", status=500, kind="server_error")
@@ -155,7 +153,7 @@ class _Api:
         model = self.engine.model
         try:  # templates, tokenizer and schema compilation: off the event loop
             prompt = await run_in_threadpool(prepare_chat if chat else prepare_completion, model, **parsed.prepare)
-        except (InvalidArgumentError, LlamaError, TypeError, ValueError) as error:
+        except (LlamaError, TypeError, ValueError) as error:
             raise protocol.RequestError(str(error)) from None
         events = _Inbox(asyncio.get_running_loop())
         job = Job(prompt, parsed.max_tokens, parsed.sampling, parsed.n_draft, events.put)

@@ -67,6 +67,8 @@ class Job:
     sink: Callable[[Event], None]
     cancelled: threading.Event = field(default_factory=threading.Event)
     queued_at: float = field(default_factory=time.perf_counter)
+    #: the answer's token budget, set by Engine.submit
+    budget: int = field(default=0, init=False)
 
     def cancel(self) -> None:
         """The client went away: the slot is freed at the next step. Thread-safe."""
@@ -179,8 +181,6 @@ class EngineCounters:
     drafted: int = 0
     accepted: int = 0
     steps: int = 0
-    slots_busy: int = 0
-    queue_length: int = 0
     #: (drafted, accepted) at each draft position, from the decoder
     acceptance_at: list = field(default_factory=list)
 
@@ -236,7 +236,7 @@ class Engine:
     def submit(self, job: Job) -> None:
         """Queue a request; raises InvalidArgumentError for one that cannot fit a slot and
         QueueFullError when the queue is full."""
-        token_budget(job.prompt, self.slot_ctx, job.max_tokens)
+        job.budget = token_budget(job.prompt, self.slot_ctx, job.max_tokens)
         with self._cond:
             if not self._running:
                 raise QueueFullError("the server is shutting down")
@@ -245,7 +245,6 @@ class Engine:
                 raise QueueFullError(f"all {self.parallel} slots are busy and {self.queue_size} requests are "
                                      "waiting: try again later")
             self._waiting.append(job)
-            self.counters.queue_length = len(self._waiting)
             self._cond.notify()
 
     def close(self) -> None:
@@ -253,6 +252,14 @@ class Engine:
             self._running = False
             self._cond.notify()
         self._thread.join()
+
+    @property
+    def slots_busy(self) -> int:
+        return sum(entry is not None for entry in self._busy)
+
+    @property
+    def queue_length(self) -> int:
+        return len(self._waiting)
 
     @property
     def alive(self) -> bool:
@@ -298,7 +305,6 @@ class Engine:
                 continue
             with self._cond:
                 job = self._waiting.popleft() if self._waiting else None
-                self.counters.queue_length = len(self._waiting)
             if job is None:
                 return
             if job.cancelled.is_set():
@@ -306,7 +312,6 @@ class Engine:
                 continue
             started = time.perf_counter()
             try:
-                budget = token_budget(job.prompt, self.slot_ctx, job.max_tokens)
                 self._driver.start(slot, job)
             except Exception as error:  # the request's fault (or llama.cpp's error for it)
                 self._release(slot)
@@ -314,9 +319,8 @@ class Engine:
                 job.sink(Failed(error))
                 continue
             self.counters.prompt_tokens += len(job.prompt.tokens)
-            self._busy[slot] = _Busy(job, TokenOutput(self.model, job.prompt, budget), started,
+            self._busy[slot] = _Busy(job, TokenOutput(self.model, job.prompt, job.budget), started,
                                      time.perf_counter() - started)
-            self.counters.slots_busy = sum(entry is not None for entry in self._busy)
             if self._busy[slot].output.done:  # max_tokens 0
                 self._finish(slot)
 
@@ -324,7 +328,6 @@ class Engine:
         for slot, entry in enumerate(self._busy):
             if entry is not None and entry.job.cancelled.is_set():
                 self.counters.requests["cancelled"] += 1
-                self._busy[slot] = None
                 self._release(slot)
 
     def _step(self) -> None:
@@ -339,12 +342,14 @@ class Engine:
                 continue
             entry.drafted += drafted[slot]
             entry.accepted += len(produced[slot]) - 1
+            pieces = []
             for token in produced[slot]:
-                piece = entry.output.push(token)
-                if piece:
-                    entry.job.sink(Piece(piece))
+                pieces.append(entry.output.push(token))
                 if entry.output.done:
                     break
+            text = "".join(pieces)
+            if text:  # one hand-over per step, however many tokens it produced
+                entry.job.sink(Piece(text))
             if entry.output.done:
                 self._finish(slot)
         if self.counters.steps % 16 == 1:  # for /metrics; reading the C counters costs a little
@@ -353,7 +358,6 @@ class Engine:
     def _finish(self, slot: int) -> None:
         entry = self._busy[slot]
         assert entry is not None
-        self._busy[slot] = None
         output = entry.output
         tail = output.close()
         if tail:
@@ -373,7 +377,6 @@ class Engine:
 
     def _release(self, slot: int) -> None:
         self._busy[slot] = None
-        self.counters.slots_busy = sum(entry is not None for entry in self._busy)
         try:
             self._driver.release(slot)
         except Exception:

@@ -39,9 +39,9 @@ class _EngineCollector:
         for position, (drafted, accepted) in enumerate(list(counters.acceptance_at), start=1):
             acceptance.add_metric([str(position)], accepted / drafted if drafted else 0.0)
         yield acceptance
-        yield GaugeMetricFamily("pyllama_mtp_slots_busy", "Sequence slots generating now", value=counters.slots_busy)
+        yield GaugeMetricFamily("pyllama_mtp_slots_busy", "Sequence slots generating now", value=self.engine.slots_busy)
         yield GaugeMetricFamily("pyllama_mtp_slots", "Sequence slots", value=self.engine.parallel)
-        yield GaugeMetricFamily("pyllama_mtp_queue_length", "Requests waiting for a slot", value=counters.queue_length)
+        yield GaugeMetricFamily("pyllama_mtp_queue_length", "Requests waiting for a slot", value=self.engine.queue_length)
 
 
 def render_metrics(engine: Any, http_requests: dict) -> tuple[bytes, str]:
