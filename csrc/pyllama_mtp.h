@@ -55,8 +55,9 @@ PMTP_API int32_t pmtp_rpc_add_server(const char * endpoint);
 /* ---- decoding ---- */
 
 /* Decode n tokens, one sequence id each (arrays of n; output may be NULL = last token only).
- * Returns PMTP_OK or a PMTP_ERR_* mapped from llama_decode's return code. Arguments must be
- * validated by the caller (ids < n_vocab, seq ids < n_seq_max, n <= n_batch). */
+ * Returns PMTP_OK or a PMTP_ERR_* mapped from llama_decode's return code; PMTP_ERR_ARGUMENT
+ * for n > n_batch, a token id outside the vocabulary, a sequence id outside [0, n_seq_max)
+ * or a negative position. */
 PMTP_API int32_t pmtp_decode_tokens(struct llama_context * ctx, int32_t n,
                                     const llama_token * tokens, const llama_pos * pos,
                                     const llama_seq_id * seq_ids, const int8_t * output);
@@ -243,7 +244,8 @@ PMTP_API int32_t pmtp_spec_prefill(pmtp_spec * spec, llama_seq_id seq, const lla
 /* Draft up to n_max[seq] tokens for every active sequence (greedy MTP; stop under p_min);
  * a negative n_max[seq] keeps that sequence's current draft. */
 PMTP_API int32_t pmtp_spec_draft(pmtp_spec * spec, const int32_t * n_max, float p_min);
-/* Replace a sequence's draft with tokens of the caller's choosing (n-gram, another model). */
+/* Replace a sequence's draft with tokens of the caller's choosing (n-gram, another model):
+ * at most pmtp_spec_n_draft_max tokens, each inside the vocabulary. */
 PMTP_API int32_t pmtp_spec_set_draft(pmtp_spec * spec, llama_seq_id seq, const llama_token * tokens, int32_t n);
 /* Copy a sequence's draft (and MTP probabilities); returns its length. */
 PMTP_API int32_t pmtp_spec_get_draft(const pmtp_spec * spec, llama_seq_id seq, llama_token * tokens,

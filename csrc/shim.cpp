@@ -69,8 +69,17 @@ extern "C" {
 
 int32_t pmtp_decode_tokens(llama_context * ctx, int32_t n, const llama_token * tokens,
                            const llama_pos * pos, const llama_seq_id * seq_ids, const int8_t * output) {
-    if (ctx == nullptr || n <= 0 || tokens == nullptr || pos == nullptr || seq_ids == nullptr) {
+    if (ctx == nullptr || n <= 0 || tokens == nullptr || pos == nullptr || seq_ids == nullptr ||
+        (uint32_t) n > llama_n_batch(ctx)) {
         return PMTP_ERR_ARGUMENT;
+    }
+    // llama.cpp trusts ids and sequence numbers in places (a vocabulary index, a bitset).
+    const int32_t n_vocab = llama_vocab_n_tokens(llama_model_get_vocab(llama_get_model(ctx)));
+    const int32_t n_seq_max = (int32_t) llama_n_seq_max(ctx);
+    for (int32_t i = 0; i < n; i++) {
+        if (tokens[i] < 0 || tokens[i] >= n_vocab || seq_ids[i] < 0 || seq_ids[i] >= n_seq_max || pos[i] < 0) {
+            return PMTP_ERR_ARGUMENT;
+        }
     }
     try {
         // llama_batch wants one pointer per token into its sequence-id list.

@@ -26,14 +26,25 @@ bool valid_seq(const pmtp_spec * s, llama_seq_id seq) {
     return s != nullptr && seq >= 0 && seq < s->n_seq;
 }
 
+// Every token id from a caller is checked here: llama.cpp indexes its vocabulary with it.
+bool valid_tokens(const pmtp_spec * s, const llama_token * tokens, int32_t n) {
+    return std::all_of(tokens, tokens + n, [s](llama_token t) { return t >= 0 && t < s->n_vocab; });
+}
+
 }  // namespace
 
 extern "C" {
 
 pmtp_spec * pmtp_spec_new(llama_context * tgt, llama_context * dft, int32_t n_seq, int32_t n_draft_max,
                           int32_t * status) {
+    int32_t ignored = PMTP_OK;
+    if (status == nullptr) {
+        status = &ignored;
+    }
     *status = PMTP_OK;
-    if (tgt == nullptr || dft == nullptr || n_seq <= 0 || n_draft_max <= 0) {
+    if (tgt == nullptr || dft == nullptr || n_seq <= 0 || n_draft_max <= 0 || n_draft_max > PMTP_MAX_DRAFT ||
+        (uint32_t) n_seq > llama_n_seq_max(tgt) || (uint32_t) n_seq > llama_n_seq_max(dft) ||
+        llama_get_model(tgt) != llama_get_model(dft)) {
         *status = PMTP_ERR_ARGUMENT;
         return nullptr;
     }
@@ -85,7 +96,7 @@ int32_t pmtp_spec_n_draft_max(const pmtp_spec * s) {
 }
 
 int32_t pmtp_spec_prefill(pmtp_spec * s, llama_seq_id seq, const llama_token * tokens, int32_t n) {
-    if (!valid_seq(s, seq) || tokens == nullptr || n <= 0) {
+    if (!valid_seq(s, seq) || tokens == nullptr || n <= 0 || !valid_tokens(s, tokens, n)) {
         return PMTP_ERR_ARGUMENT;
     }
     return guarded([&] { return pmtp::spec::prefill(*s, seq, tokens, n); });
@@ -99,7 +110,9 @@ int32_t pmtp_spec_draft(pmtp_spec * s, const int32_t * n_max, float p_min) {
 }
 
 int32_t pmtp_spec_set_draft(pmtp_spec * s, llama_seq_id seq, const llama_token * tokens, int32_t n) {
-    if (!valid_seq(s, seq) || n < 0 || (n > 0 && tokens == nullptr) || !s->seqs[seq].active) {
+    // Longer than n_draft_max would overrun the caller's (n_draft_max + 1)-token rows.
+    if (!valid_seq(s, seq) || n < 0 || n > s->n_draft_max || (n > 0 && tokens == nullptr) ||
+        !s->seqs[seq].active || (n > 0 && !valid_tokens(s, tokens, n))) {
         return PMTP_ERR_ARGUMENT;
     }
     return guarded([&]() -> int32_t {
@@ -140,7 +153,7 @@ int32_t pmtp_spec_verify_row(const pmtp_spec * s, llama_seq_id seq, int32_t row)
 }
 
 int32_t pmtp_spec_target_choices(const pmtp_spec * s, llama_seq_id seq, llama_token * out, int32_t capacity) {
-    if (!valid_seq(s, seq) || capacity < 0) {
+    if (!valid_seq(s, seq) || capacity < 0 || (capacity > 0 && out == nullptr)) {
         return PMTP_ERR_ARGUMENT;
     }
     const pmtp_seq & q = s->seqs[seq];

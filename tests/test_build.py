@@ -29,6 +29,35 @@ def test_system_info_reports_pinned_commit_and_cpu():
     assert any(device["type"] == "cpu" for device in info["devices"])
 
 
+def _commit_cmake_reports(tree: pathlib.Path) -> str:
+    cmake = shutil.which("cmake")
+    if cmake is None:
+        pytest.skip("cmake is not installed")
+    result = subprocess.run([cmake, f"-DSOURCE_DIR={tree}", "-P", str(REPO / "cmake" / "source_commit.cmake")],
+                            capture_output=True, text=True, check=True)
+    return result.stderr.strip()  # message() writes to stderr
+
+
+def test_the_reported_commit_is_read_from_the_tree_built(tmp_path):
+    """system_info()'s commit comes from the tree, not from the pin: a tree provisioned at
+    another commit, a git checkout and a tree of unknown origin each report their own."""
+    stamped = tmp_path / "stamped"
+    stamped.mkdir()
+    (stamped / ".pyllama_mtp-provenance").write_text("commit 1234abcd\nfrom somewhere\n")
+    assert _commit_cmake_reports(stamped) == "1234abcd"
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    assert _commit_cmake_reports(bare) == "unknown"
+    if shutil.which("git"):
+        repo = tmp_path / "repo"
+        repo.mkdir()
+        git = ["git", "-C", str(repo), "-c", "user.name=t", "-c", "user.email=t@t"]
+        subprocess.run([*git, "init", "-q"], check=True)
+        subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "x"], check=True)
+        head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        assert _commit_cmake_reports(repo) == head
+
+
 def test_installed_package_holds_no_llama_cpp_build_junk():
     package = pathlib.Path(pyllama_mtp.__file__).parent
     files = [p for p in package.rglob("*") if p.is_file()]
