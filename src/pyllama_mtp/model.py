@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-from . import _lowlevel
+from . import _lowlevel, _preflight
 from ._resource import Resource
 from ._validate import check_gguf_file
 from .chat_template import ChatTemplate
@@ -35,9 +35,11 @@ class Model(Resource):
     model refuses new contexts from then on.
     """
 
-    def __init__(self, native: _lowlevel.NativeModel, path: str, load_mtp: bool) -> None:
+    def __init__(self, native: _lowlevel.NativeModel, path: str, load_mtp: bool,
+                 preflight: Optional[_preflight.Preflight] = None) -> None:
         self._native = native
         self._path = path
+        self._preflight = preflight
         hp = native.hparams()
         self._hparams = hp
         self._metadata = native.metadata()
@@ -57,6 +59,7 @@ class Model(Resource):
         progress: Optional[ProgressCallback] = None,
         devices: Optional[Sequence[str]] = None,
         mtp_device: Optional[str] = None,
+        preflight: Optional[bool] = None,
     ) -> "Model":
         """Load a GGUF file.
 
@@ -72,9 +75,16 @@ class Model(Resource):
                 order; default: every device llama.cpp finds.
             mtp_device: put the MTP layers (and so the draft computation) on this device
                 instead, e.g. a second, smaller GPU, or ``"CPU"``.
+            preflight: first run llama.cpp's loader and a context's set-up dry in a child
+                process (no weight is read), so that a file that would abort llama.cpp
+                raises ModelLoadError instead of ending this process; contexts of a new
+                shape are checked the same way. Default: on, unless the environment sets
+                ``PYLLAMA_MTP_PREFLIGHT=0``. ``False`` saves its cost (see the README's
+                reliability section) for files known to be sound.
 
         Raises:
-            ModelLoadError: the file is missing, unreadable, corrupt or unsupported.
+            ModelLoadError: the file is missing, unreadable, corrupt or unsupported, or
+                llama.cpp would crash on it.
         """
         path_str = os.fspath(path)
         if not os.path.isfile(path_str):
@@ -82,6 +92,10 @@ class Model(Resource):
         if not isinstance(n_gpu_layers, int):
             raise InvalidArgumentError("n_gpu_layers must be an int")
         info = check_gguf_file(path_str)
+        check = None
+        if _preflight.enabled(preflight):
+            check = _preflight.Preflight(path_str, load_mtp)
+            check.check(cls._load_time_contexts(info, load_mtp))
         overrides = None
         if mtp_device is not None and load_mtp and info["n_layer_nextn"] > 0:
             blocks = "|".join(str(info["n_layer"] + i) for i in range(info["n_layer_nextn"]))
@@ -90,7 +104,28 @@ class Model(Resource):
             path_str, n_gpu_layers=n_gpu_layers, load_mtp=load_mtp, use_mmap=use_mmap,
             progress=progress, devices=list(devices) if devices is not None else None,
             overrides=overrides)
-        return cls(native, path_str, load_mtp)
+        try:
+            return cls(native, path_str, load_mtp, check)
+        except BaseException:
+            native.free()  # nothing else owns it yet
+            raise
+
+    @staticmethod
+    def _load_time_contexts(info: dict, load_mtp: bool) -> list[_lowlevel.ContextConfig]:
+        """What the load's pre-flight builds: a default context and, where the model can
+        draft, its MTP context (a model is only sound if both can be made)."""
+        plain = _lowlevel.ContextConfig(n_ctx=2048, n_batch=512, n_ubatch=512)
+        contexts = [plain]
+        n_nextn = info["n_layer_nextn"]
+        if load_mtp and n_nextn > 0 and not (n_nextn > 1 and info["architecture"] in SINGLE_MTP_BLOCK_ARCHES):
+            contexts.append(_lowlevel.ContextConfig(n_ctx=2048, n_batch=512, n_ubatch=512, mtp=True))
+        return contexts
+
+    def _preflight_context(self, config: _lowlevel.ContextConfig,
+                           target: Optional[_lowlevel.ContextConfig]) -> None:
+        """Check a context of this shape (an MTP one after its target's) in a child first."""
+        if self._preflight is not None:
+            self._preflight.check([target, config] if target is not None else [config], for_model=False)
 
     # -- lifetime ---------------------------------------------------------------------
     def close(self) -> None:
@@ -305,4 +340,6 @@ def quantize(source: PathLike, destination: PathLike, ftype: str = "q8_0", *,
     if not os.path.isfile(source_str):
         raise ModelLoadError(f"no such model file: {source_str}")
     check_gguf_file(source_str)
+    if _preflight.enabled(None):
+        _preflight.Preflight(source_str, True).check()
     _lowlevel.quantize(source_str, destination_str, key, n_threads or _lowlevel.default_threads(), pure)

@@ -1,0 +1,162 @@
+// pmtp-preflight: llama.cpp's own loader and context set-up, run dry in a process of its
+// own, so that a model file that would abort the process (a failed GGML_ASSERT, an
+// uncaught C++ exception, a division by zero) kills this process instead of the caller's.
+//
+// Usage: pmtp-preflight MODEL LOAD_MTP [CONTEXT...]
+//   CONTEXT = n_ctx,n_batch,n_ubatch,n_seq_max,n_rs_seq,embeddings,flash_attn(-1|0|1),
+//             kv_unified,mtp; an MTP context pairs with the last non-MTP one before it.
+//
+// The model is read with no_alloc (metadata and tensor shapes, no weight is read: the same
+// dry run as upstream's parameter fitting) on the CPU only; each context then reserves its
+// graphs without allocating them. The vocabulary is exercised on its special tokens.
+//
+// Protocol: stdout gets "stage NAME" before each step, flushed, so the caller knows where
+// a crash happened; stderr gets llama.cpp's warnings and errors and, on a failed assert,
+// ggml's message. Exit status: 0 sound, 2 the load failed cleanly, 3 a context failed
+// cleanly, 64 bad usage; death by a signal is what the caller turns into an error.
+
+#include "llama.h"
+
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace {
+
+void stage(const std::string & name) {
+    std::fprintf(stdout, "stage %s\n", name.c_str());
+    std::fflush(stdout);
+}
+
+void log_errors(ggml_log_level level, const char * text, void * /*user_data*/) {
+    static bool keep = false;  // a CONT line belongs to the line before it
+    if (level != GGML_LOG_LEVEL_CONT) {
+        keep = level == GGML_LOG_LEVEL_WARN || level == GGML_LOG_LEVEL_ERROR;
+    }
+    if (keep) {
+        std::fputs(text, stderr);
+    }
+}
+
+void report_abort(const char * message) {
+    std::fprintf(stderr, "abort: %s\n", message);
+    std::fflush(stderr);
+}
+
+struct context_spec {
+    llama_context_params params;
+    bool mtp = false;
+};
+
+bool parse_context(const char * text, context_spec & spec) {
+    long v[9];
+    char tail = 0;
+    if (std::sscanf(text, "%ld,%ld,%ld,%ld,%ld,%ld,%ld,%ld,%ld%c", &v[0], &v[1], &v[2], &v[3], &v[4],
+                    &v[5], &v[6], &v[7], &v[8], &tail) != 9) {
+        return false;
+    }
+    spec.params = llama_context_default_params();
+    spec.params.n_ctx = (uint32_t) v[0];
+    spec.params.n_batch = (uint32_t) v[1];
+    spec.params.n_ubatch = (uint32_t) v[2];
+    spec.params.n_seq_max = (uint32_t) v[3];
+    spec.params.n_rs_seq = (uint32_t) v[4];
+    spec.params.embeddings = v[5] != 0;
+    spec.params.flash_attn_type = v[6] < 0 ? LLAMA_FLASH_ATTN_TYPE_AUTO
+                                : v[6] ? LLAMA_FLASH_ATTN_TYPE_ENABLED : LLAMA_FLASH_ATTN_TYPE_DISABLED;
+    spec.params.kv_unified = v[7] != 0;
+    spec.mtp = v[8] != 0;
+    spec.params.n_threads = 1;
+    spec.params.n_threads_batch = 1;
+    spec.params.no_perf = true;
+    if (spec.mtp) {
+        spec.params.ctx_type = LLAMA_CONTEXT_TYPE_MTP;
+    }
+    return true;
+}
+
+void exercise_vocab(const llama_model * model) {
+    const llama_vocab * vocab = llama_model_get_vocab(model);
+    const char text[] = "Hello, world! 123";
+    std::vector<llama_token> tokens(64);
+    const int32_t n = llama_tokenize(vocab, text, (int32_t) std::strlen(text), tokens.data(),
+                                     (int32_t) tokens.size(), true, true);
+    char piece[256];
+    for (int32_t i = 0; i < n; i++) {
+        llama_token_to_piece(vocab, tokens[i], piece, sizeof(piece), 0, true);
+    }
+    for (llama_token special : {llama_vocab_bos(vocab), llama_vocab_eos(vocab), llama_vocab_eot(vocab),
+                                llama_vocab_nl(vocab)}) {
+        if (special >= 0) {
+            llama_token_to_piece(vocab, special, piece, sizeof(piece), 0, true);
+            llama_vocab_is_eog(vocab, special);
+        }
+    }
+}
+
+}  // namespace
+
+int main(int argc, char ** argv) {
+    if (argc < 3) {
+        std::fprintf(stderr, "usage: %s MODEL LOAD_MTP [n_ctx,n_batch,n_ubatch,n_seq_max,n_rs_seq,"
+                             "embeddings,flash_attn,kv_unified,mtp ...]\n", argv[0]);
+        return 64;
+    }
+    std::vector<context_spec> contexts(argc - 3);
+    for (int i = 3; i < argc; i++) {
+        if (!parse_context(argv[i], contexts[i - 3])) {
+            std::fprintf(stderr, "bad context specification: %s\n", argv[i]);
+            return 64;
+        }
+    }
+    // ggml would otherwise attach a debugger to print a backtrace before it aborts.
+    setenv("GGML_NO_BACKTRACE", "1", 1);
+    ggml_set_abort_callback(report_abort);
+    llama_log_set(log_errors, nullptr);
+    llama_backend_init();
+
+    stage("load");
+    llama_model_params mparams = llama_model_default_params();
+    ggml_backend_dev_t no_devices[] = {nullptr};
+    mparams.devices = no_devices;  // the CPU only: nothing here depends on the device
+    mparams.n_gpu_layers = 0;
+    mparams.no_alloc = true;
+    mparams.load_mode = LLAMA_LOAD_MODE_NONE;
+    mparams.load_mtp = std::atoi(argv[2]) != 0;
+    llama_model * model = llama_model_load_from_file(argv[1], mparams);
+    if (model == nullptr) {
+        return 2;
+    }
+    stage("vocabulary");
+    exercise_vocab(model);
+
+    std::vector<llama_context *> made;
+    llama_context * target = nullptr;
+    int status = 0;
+    for (size_t i = 0; i < contexts.size(); i++) {
+        stage("context " + std::to_string(i));
+        context_spec & spec = contexts[i];
+        if (spec.mtp) {
+            spec.params.ctx_other = target;
+        }
+        llama_context * ctx = llama_init_from_model(model, spec.params);
+        if (ctx == nullptr) {
+            status = 3;
+            break;
+        }
+        made.push_back(ctx);
+        if (!spec.mtp) {
+            target = ctx;
+        }
+    }
+    stage("free");
+    for (auto it = made.rbegin(); it != made.rend(); ++it) {
+        llama_free(*it);
+    }
+    llama_model_free(model);
+    llama_backend_free();
+    stage(status == 0 ? "sound" : "failed");
+    return status;
+}
