@@ -4,11 +4,16 @@ layers to reach another object's low-level handle."""
 
 from __future__ import annotations
 
+import threading
 import warnings
 import weakref
 from typing import Any
 
 from .errors import ClosedError
+
+# Held only to flip an object's "released" flag: two threads closing one object at once
+# release it once.
+_CLOSE_FLAG_LOCK = threading.Lock()
 
 
 class Resource:
@@ -22,7 +27,12 @@ class Resource:
     Parents and children: a child holds its parent strongly and registers with
     :meth:`_adopt`; the parent tracks its children weakly. Closing a parent with open
     children is deferred (:meth:`_release_when_unused`) until the last child closes,
-    and the parent refuses new children from the moment close was asked for.
+    and the parent refuses new children from the moment close was asked for. A parent
+    whose children point into its own native memory (a context and its draft contexts and
+    decoders) closes them first instead (:meth:`_close_children`).
+
+    ``close()`` may be called from any thread at any time: a native handle is freed under
+    its lock, so a call running on it finishes first, and the next one raises ClosedError.
     """
 
     _released = True  # until a subclass finishes its __init__
@@ -45,9 +55,11 @@ class Resource:
     def close(self) -> None:
         """Free the native resources. Safe to call more than once."""
         self._close_requested = True
-        if not self._released:
+        with _CLOSE_FLAG_LOCK:
+            if self._released:
+                return
             self._released = True
-            self._release()
+        self._release()
 
     def __enter__(self) -> Any:
         return self
@@ -81,6 +93,11 @@ class Resource:
 
     def _open_children(self) -> list["Resource"]:
         return [child for child in self._children if not child.closed]
+
+    def _close_children(self) -> None:
+        """Close every open child now (they cannot outlive this object's memory)."""
+        for child in self._open_children():
+            child.close()
 
     def _release_when_unused(self) -> None:
         """Free the native handle now, or when the last open child closes."""

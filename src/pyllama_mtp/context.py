@@ -150,16 +150,29 @@ class Context(Resource):
             # llama.cpp asserts (kills the process) building an MTP graph without the layers.
             raise NoMTPError("this model has no MTP layers loaded: load a model with MTP layers "
                              "and load_mtp=True to create a draft context")
+        model._preflight_context(config, _mtp_target._config if _mtp_target is not None else None)
         self._model = model  # strong: a context keeps its model alive
+        # Strong too: llama.cpp keeps a pointer into the target (ctx_other) for drafters
+        # that share its memory, so a draft context is closed with its target.
+        self._target = _mtp_target
+        self._config = config
         self._is_mtp = _mtp_target is not None
         self._embeddings = embeddings
         self._flash_attn = flash_attn
         self._last_outputs = np.zeros(0, dtype=np.int8)
         self._output_offset = 0
         native_model = model._adopt(self)
-        self._native = _lowlevel.NativeContext(
-            native_model, config, _mtp_target._native if _mtp_target is not None else None)
+        native_target = _mtp_target._adopt(self) if _mtp_target is not None else None
+        self._native = _lowlevel.NativeContext(native_model, config, native_target)
         self._mark_open()
+        try:
+            self._finish_init(warmup)
+        except BaseException:
+            self.close()  # the native context is ours alone yet: free it now
+            raise
+
+    def _finish_init(self, warmup: bool) -> None:
+        model = self._model
         # Stop inside a graph only where that is known to be safe: all on the CPU backend
         # (only it polls the callback; on Vulkan a stop between splits left the device
         # queue broken and a later step crashed) and no recurrent memory (it cannot undo
@@ -168,11 +181,7 @@ class Context(Resource):
         offloaded = any(not entry["buffer_type"].upper().startswith("CPU") for entry in self.memory_breakdown())
         self._native.between_calls_only = recurrent or offloaded
         if warmup and not self._is_mtp:
-            try:
-                self._warm_up()
-            except BaseException:
-                self.close()
-                raise
+            self._warm_up()
 
     def _warm_up(self) -> None:
         """One throw-away decode of [BOS, EOS], then empty memory: what llama.cpp's own
@@ -187,7 +196,11 @@ class Context(Resource):
 
     # -- lifetime ---------------------------------------------------------------------
     def _release(self) -> None:
+        # Draft contexts and decoders hold pointers into this context: they go first.
+        self._close_children()
         self._native.free()
+        if self._target is not None:
+            self._target._child_closed(self)
         self._model._child_closed(self)
 
     @property

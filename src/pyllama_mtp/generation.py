@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import codecs
+import threading
 from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Union
 
 from . import _lowlevel
 from ._resource import Resource, native_handle
 from .errors import ClosedError, InvalidArgumentError
 from .grammar import GrammarLike, as_grammar
+
+# Binding a sampler to its model happens once; two threads sharing a new sampler must not
+# both make a native one.
+_BIND_LOCK = threading.Lock()
 
 if TYPE_CHECKING:  # annotations only: Context imports this module
     from .context import Context
@@ -66,9 +71,10 @@ class Sampler(Resource):
     def _native_sampler(self, model: "Model") -> _lowlevel.NativeSampler:
         if self.closed:
             raise ClosedError("this sampler is closed")
-        if self._bound is None:
-            self._bound, self._model = self.native_for(model), model
-        elif self._model is not model:
+        with _BIND_LOCK:
+            if self._bound is None:
+                self._bound, self._model = self.native_for(model), model
+        if self._model is not model:
             raise InvalidArgumentError("this sampler serves another model; make one per model")
         return self._bound
 

@@ -70,7 +70,8 @@ class SpeculativeDecoder(Resource):
                 "(SpeculativeDecoder.create does this)")
         self._target = target
         self._draft_ctx = draft
-        self._native = _lowlevel.NativeSpeculative(native_handle(target), native_handle(draft), target.n_seq_max,
+        # Registered with both contexts: closing either closes this decoder first.
+        self._native = _lowlevel.NativeSpeculative(target._adopt(self), draft._adopt(self), target.n_seq_max,
                                                    max_draft)
         self.n_draft = min(n_draft, self._native.n_draft_max)
         self.p_min = float(p_min)
@@ -253,31 +254,34 @@ class SpeculativeDecoder(Resource):
                 n is None or (isinstance(n, (int, np.integer)) and 0 <= n <= n_max) for n in fixed):
             raise InvalidArgumentError(f"n_draft must be None, an int in [0, {n_max}] or one of those "
                                        f"for each of the {self.n_seq} sequences")
-        policies = self._policies if any(n is None for n in fixed) else []
-        if policies:
-            active = [self._native.seq_state(seq)[0] for seq in range(self.n_seq)]
-            lengths = plan_drafts(policies, active, self._cost, fixed)
-            # A planned sequence that drafts nothing also spares its drafter the catch-up.
-            run_lengths = [_lowlevel.PMTP_DRAFT_REST if n == 0 and fixed[seq] is None else n
-                           for seq, n in enumerate(lengths)]
-        else:
-            lengths = run_lengths = [self.n_draft if n is None else int(n) for n in fixed]
-        start = time.perf_counter()
-        try:
-            tokens, counts, drafted = self._native.step_each(run_lengths, self.p_min)
-            produced = [tokens[seq, :counts[seq]].tolist() for seq in range(self.n_seq)]
-            # Lookup drafts come back as -(length + 1).
-            self._last_drafted = [d if d >= 0 else -d - 1 for d in drafted.tolist()]
-        finally:
-            self._wall_s += time.perf_counter() - start
-        if policies:
-            self._cost.observe(sum(map(bool, produced)), max(lengths), time.perf_counter() - start)
-            for policy, tokens_out, n_drafted in zip(policies, produced, drafted.tolist()):
-                # Inactive sequences produced nothing; lookup drafts (negative) say nothing
-                # about the MTP head.
-                if tokens_out and n_drafted >= 0:
-                    policy.observe(n_drafted, len(tokens_out) - 1)
-        return produced
+        # Planning, the C step and the bookkeeping are one step under the decoder's lock
+        # (the first in the one lock order): threads sharing a decoder take whole steps.
+        with self._native.lock:
+            policies = self._policies if any(n is None for n in fixed) else []
+            if policies:
+                active = [self._native.seq_state(seq)[0] for seq in range(self.n_seq)]
+                lengths = plan_drafts(policies, active, self._cost, fixed)
+                # A planned sequence that drafts nothing also spares its drafter the catch-up.
+                run_lengths = [_lowlevel.PMTP_DRAFT_REST if n == 0 and fixed[seq] is None else n
+                               for seq, n in enumerate(lengths)]
+            else:
+                lengths = run_lengths = [self.n_draft if n is None else int(n) for n in fixed]
+            start = time.perf_counter()
+            try:
+                tokens, counts, drafted = self._native.step_each(run_lengths, self.p_min)
+                produced = [tokens[seq, :counts[seq]].tolist() for seq in range(self.n_seq)]
+                # Lookup drafts come back as -(length + 1).
+                self._last_drafted = [d if d >= 0 else -d - 1 for d in drafted.tolist()]
+            finally:
+                self._wall_s += time.perf_counter() - start
+            if policies:
+                self._cost.observe(sum(map(bool, produced)), max(lengths), time.perf_counter() - start)
+                for policy, tokens_out, n_drafted in zip(policies, produced, drafted.tolist()):
+                    # Inactive sequences produced nothing; lookup drafts (negative) say nothing
+                    # about the MTP head.
+                    if tokens_out and n_drafted >= 0:
+                        policy.observe(n_drafted, len(tokens_out) - 1)
+            return produced
 
     @property
     def last_drafted(self) -> list[int]:

@@ -107,7 +107,7 @@ class NativeContext(NativeHandle):
 
     def stoppable(self) -> Stoppable:
         """Lock this context and arm its abort state for one long call."""
-        return Stoppable((self.lock,), (self.abort_state,))
+        return Stoppable((self,), (self.abort_state,))
 
     # -- decoding ---------------------------------------------------------------------
     def decode(self, tokens: np.ndarray, pos: np.ndarray, seq_ids: np.ndarray,

@@ -25,10 +25,12 @@ class Stoppable:
     the call, and Python's own Ctrl-C handling covers the time between calls.
     """
 
-    __slots__ = ("_locks", "_states", "_watching", "_mark")
+    __slots__ = ("_handles", "_locks", "_states", "_watching", "_mark")
 
-    def __init__(self, locks: tuple[Any, ...], states: tuple[Any, ...]) -> None:
-        self._locks = locks
+    def __init__(self, handles: tuple[Any, ...], states: tuple[Any, ...]) -> None:
+        # Locks in the order given (the one order: decoder, target, draft, sampler, model).
+        self._handles = handles
+        self._locks = tuple(handle.lock for handle in handles)
         self._states = states
         self._watching = False
         self._mark = 0
@@ -37,6 +39,8 @@ class Stoppable:
         for lock in self._locks:
             lock.acquire()
         try:
+            for handle in self._handles:
+                handle.ptr()  # ClosedError if closed before we held its lock
             for state in self._states:
                 state.reason = lib.PMTP_ABORT_NONE
                 if state.between_calls_only:

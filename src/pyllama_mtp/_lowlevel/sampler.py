@@ -41,7 +41,7 @@ class NativeSampler(NativeHandle):
 
     def sample(self, context: NativeContext, index: int) -> int:
         token = ffi.new("llama_token *")
-        with self.lock, context.lock:
+        with context.lock, self.lock:  # the one order: contexts before samplers
             check_status(lib.pmtp_sampler_sample(self.ptr(), context.ptr(), index, token), "sample")
         return int(token[0])
 

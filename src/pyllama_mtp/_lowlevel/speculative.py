@@ -53,11 +53,11 @@ class NativeSpeculative(NativeHandle):
         lib.pmtp_spec_free(ptr)
 
     def _locked(self, computes: bool = True) -> Stoppable:
-        """All three locks (in a fixed order: no deadlock) and, for calls that compute,
-        both contexts' abort states armed; first checks that neither context was closed."""
-        self.target.ptr(), self.draft_context.ptr()  # raise ClosedError first
+        """All three locks (in the one order: decoder, target, draft) and, for calls that
+        compute, both contexts' abort states armed; ClosedError if any of the three was
+        closed before its lock was held."""
         states = (self.target.abort_state, self.draft_context.abort_state) if computes else ()
-        return Stoppable((self.lock, self.target.lock, self.draft_context.lock), states)
+        return Stoppable((self, self.target, self.draft_context), states)
 
     def prefill(self, seq: int, tokens: np.ndarray) -> None:
         with self._locked() as call:
