@@ -15,8 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import resource
+import shutil
 import statistics
+import subprocess
 import sys
 import time
 
@@ -27,8 +28,17 @@ sys.path.insert(0, str(HERE))
 from mtp_bench import FULL_MODEL  # noqa: E402 - the one definition of the benchmark model
 
 
-def children_peak_kib() -> int:
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+def helper_peak_mib(path: pathlib.Path) -> float:
+    """The helper's own peak RSS, read by /usr/bin/time: getrusage(RUSAGE_CHILDREN) would
+    count the parent's memory, which a child shares until it executes the helper."""
+    timer = shutil.which("time") or ("/usr/bin/time" if pathlib.Path("/usr/bin/time").exists() else None)
+    if timer is None:
+        return float("nan")
+    specs = [_preflight.context_spec(c) for c in Model._load_time_contexts(
+        {"n_layer_nextn": 1, "architecture": "qwen35"}, True)]
+    run = subprocess.run([timer, "-f", "%M", str(_preflight.HELPER), str(path), "1", "1", "2", "1", *specs],
+                         capture_output=True, text=True, check=True)
+    return int(run.stderr.strip().splitlines()[-1]) / 1024
 
 
 def measure(path: pathlib.Path, reps: int) -> dict:
@@ -43,13 +53,13 @@ def measure(path: pathlib.Path, reps: int) -> dict:
             timings[preflight].append(time.perf_counter() - start)
         _preflight._cache.clear()
         start = time.perf_counter()
-        _preflight.Preflight(str(path), True).check(Model._load_time_contexts(
-            {"n_layer_nextn": 1, "architecture": "qwen35"}, True))
+        _preflight.Preflight(str(path), True, True).check_load(Model._load_time_contexts(
+            {"n_layer_nextn": 1, "architecture": "qwen35"}, True), compute=2)
         helper_only.append(time.perf_counter() - start)
     on, off = statistics.median(timings[True]), statistics.median(timings[False])
     return {"model": path.name, "bytes": path.stat().st_size, "load_with_s": on, "load_without_s": off,
             "extra_s": on - off, "helper_run_s": statistics.median(helper_only),
-            "ratio": on / off, "helper_peak_rss_mib": children_peak_kib() / 1024}
+            "ratio": on / off, "helper_peak_rss_mib": helper_peak_mib(path)}
 
 
 def main() -> int:

@@ -2,13 +2,18 @@
 // own, so that a model file that would abort the process (a failed GGML_ASSERT, an
 // uncaught C++ exception, a division by zero) kills this process instead of the caller's.
 //
-// Usage: pmtp-preflight MODEL LOAD_MTP [CONTEXT...]
+// Usage: pmtp-preflight MODEL LOAD_MTP USE_MMAP COMPUTE REPACK [CONTEXT...]
 //   CONTEXT = n_ctx,n_batch,n_ubatch,n_seq_max,n_rs_seq,embeddings,flash_attn(-1|0|1),
 //             kv_unified,mtp; an MTP context pairs with the last non-MTP one before it.
 //
 // The model is read with no_alloc (metadata and tensor shapes, no weight is read: the same
 // dry run as upstream's parameter fitting) on the CPU only; each context then reserves its
 // graphs without allocating them. The vocabulary is exercised on its special tokens.
+// With COMPUTE 1 (2) the file is then loaded for real on the CPU (mapped with USE_MMAP, so the
+// weights come from the page cache the real load fills anyway) and computed once: a
+// two-token decode (2: instead one speculative step through the shim (prefill,
+// draft, verify). ggml checks a tensor's type only when a kernel runs (a norm weight
+// stored as f16 aborts in the CPU's binary ops), so only a computation finds those.
 //
 // Protocol: stdout gets "stage NAME" before each step, flushed, so the caller knows where
 // a crash happened; stderr gets llama.cpp's warnings and errors and, on a failed assert,
@@ -16,11 +21,13 @@
 // cleanly, 64 bad usage; death by a signal is what the caller turns into an error.
 
 #include "llama.h"
+#include "pyllama_mtp.h"
 
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace {
@@ -96,17 +103,79 @@ void exercise_vocab(const llama_model * model) {
     }
 }
 
+// The real thing, once, on the CPU: returns an exit status (0 when it ran).
+int compute_once(const char * path, const llama_model_params & dry, bool use_mmap, bool mtp) {
+    llama_model_params params = dry;
+    params.no_alloc = false;
+    params.load_mode = use_mmap ? LLAMA_LOAD_MODE_MMAP : LLAMA_LOAD_MODE_NONE;
+    llama_model * model = llama_model_load_from_file(path, params);
+    if (model == nullptr) {
+        return 2;
+    }
+    const llama_vocab * vocab = llama_model_get_vocab(model);
+    const int32_t n_vocab = llama_vocab_n_tokens(vocab);
+    std::vector<llama_token> tokens;
+    for (llama_token t : {llama_vocab_bos(vocab), llama_vocab_eos(vocab), (llama_token) 0}) {
+        if (t >= 0 && t < n_vocab) {
+            tokens.push_back(t);
+        }
+    }
+    llama_context_params cparams = llama_context_default_params();
+    cparams.n_ctx = 64;
+    cparams.n_batch = cparams.n_ubatch = 16;
+    cparams.n_rs_seq = 4;  // rollback snapshots for a speculative step on recurrent memory
+    cparams.n_threads = cparams.n_threads_batch = (int32_t) std::max(1u, std::min(4u, std::thread::hardware_concurrency()));
+    cparams.no_perf = true;
+    int status = 3;
+    llama_context * target = llama_init_from_model(model, cparams);
+    llama_context * draft = nullptr;
+    if (target != nullptr && !tokens.empty()) {
+        if (!mtp || llama_model_n_layer_nextn(model) <= 0) {
+            llama_batch batch = llama_batch_get_one(tokens.data(), (int32_t) tokens.size());
+            status = llama_decode(target, batch) == 0 ? 0 : 3;
+        } else {
+            llama_context_params dparams = cparams;
+            dparams.ctx_type = LLAMA_CONTEXT_TYPE_MTP;
+            dparams.ctx_other = target;
+            draft = llama_init_from_model(model, dparams);
+            int32_t spec_status = PMTP_ERR_ARGUMENT;
+            pmtp_spec * spec = draft ? pmtp_spec_new(target, draft, 1, 2, &spec_status) : nullptr;
+            if (spec != nullptr) {
+                const int32_t n_draft[1] = {2};
+                llama_token out[PMTP_MAX_DRAFT + 1];
+                int32_t count = 0;
+                const bool ran = pmtp_spec_prefill(spec, 0, tokens.data(), (int32_t) tokens.size()) == PMTP_OK &&
+                                 pmtp_spec_step_each(spec, n_draft, 0.0f, out, &count, nullptr) == PMTP_OK;
+                status = ran ? 0 : 3;
+                pmtp_spec_free(spec);
+            }
+        }
+    }
+    if (draft != nullptr) {
+        llama_free(draft);
+    }
+    if (target != nullptr) {
+        llama_free(target);
+    }
+    llama_model_free(model);
+    return status;
+}
+
 }  // namespace
 
 int main(int argc, char ** argv) {
-    if (argc < 3) {
-        std::fprintf(stderr, "usage: %s MODEL LOAD_MTP [n_ctx,n_batch,n_ubatch,n_seq_max,n_rs_seq,"
+    if (argc < 6) {
+        std::fprintf(stderr, "usage: %s MODEL LOAD_MTP USE_MMAP COMPUTE REPACK [n_ctx,n_batch,n_ubatch,n_seq_max,n_rs_seq,"
                              "embeddings,flash_attn,kv_unified,mtp ...]\n", argv[0]);
         return 64;
     }
-    std::vector<context_spec> contexts(argc - 3);
-    for (int i = 3; i < argc; i++) {
-        if (!parse_context(argv[i], contexts[i - 3])) {
+    const bool load_mtp = std::atoi(argv[2]) != 0;
+    const bool use_mmap = std::atoi(argv[3]) != 0;
+    const int compute = std::atoi(argv[4]);  // 0 none, 1 a decode, 2 a speculative step
+    const bool repack = std::atoi(argv[5]) != 0;  // weights into the CPU's extra buffer types
+    std::vector<context_spec> contexts(argc - 6);
+    for (int i = 6; i < argc; i++) {
+        if (!parse_context(argv[i], contexts[i - 6])) {
             std::fprintf(stderr, "bad context specification: %s\n", argv[i]);
             return 64;
         }
@@ -124,11 +193,13 @@ int main(int argc, char ** argv) {
     mparams.n_gpu_layers = 0;
     mparams.no_alloc = true;
     mparams.load_mode = LLAMA_LOAD_MODE_NONE;
-    mparams.load_mtp = std::atoi(argv[2]) != 0;
+    mparams.load_mtp = load_mtp;
+    mparams.use_extra_bufts = repack;
     llama_model * model = llama_model_load_from_file(argv[1], mparams);
     if (model == nullptr) {
         return 2;
     }
+
     stage("vocabulary");
     exercise_vocab(model);
 
@@ -156,6 +227,10 @@ int main(int argc, char ** argv) {
         llama_free(*it);
     }
     llama_model_free(model);
+    if (status == 0 && compute) {
+        stage("compute");
+        status = compute_once(argv[1], mparams, use_mmap, compute == 2);
+    }
     llama_backend_free();
     stage(status == 0 ? "sound" : "failed");
     return status;

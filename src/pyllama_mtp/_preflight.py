@@ -6,8 +6,10 @@ llama.cpp trusts a model file in places: an inconsistent hyperparameter can fail
 bad values can keep up with upstream's asserts, so the process that takes the risk is a
 throw-away one: the helper ``pmtp-preflight`` (csrc/preflight.cpp) loads the file with
 ``no_alloc`` (metadata and tensor shapes, no weight read: upstream's parameter-fitting dry
-run), exercises the vocabulary's special tokens, and creates each requested context
-without allocating it (every graph is built and reserved). If it dies, the caller gets a
+run), exercises the vocabulary's special tokens, creates each requested context
+without allocating it (every graph is built and reserved), and at load time loads the
+model for real on the CPU and computes once (a decode, and a speculative step where it
+has MTP layers): ggml checks some tensor types only in its kernels. If it dies, the caller gets a
 :class:`ModelLoadError` (or :class:`LlamaError` for a context) carrying llama.cpp's own
 message, and nothing was loaded. If it succeeds, the real load follows.
 
@@ -60,56 +62,80 @@ def context_spec(config: ContextConfig) -> str:
 class Preflight:
     """The checks of one model file with one load setting."""
 
-    def __init__(self, path: str, load_mtp: bool) -> None:
+    def __init__(self, path: str, load_mtp: bool, use_mmap: bool, repack: Optional[bool] = None) -> None:
         self.path = path
         self.load_mtp = load_mtp
+        self.use_mmap = use_mmap
+        #: Weight repacking into the CPU's extra buffer types (AMX, ...); None until decided.
+        self.repack = repack
         st = os.stat(path)
-        self._identity = (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ino, load_mtp)
+        self._identity = (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ino, load_mtp, use_mmap)
 
-    def check(self, contexts: Sequence[ContextConfig] = (), *, for_model: bool = True) -> None:
-        """Raise if llama.cpp fails or dies loading the file and creating ``contexts`` (in
-        order; an MTP context pairs with the last plain one before it). ``for_model``: a
-        failure is the file's (ModelLoadError), else the context's (LlamaError)."""
+    def check_load(self, contexts: Sequence[ContextConfig], compute: int) -> bool:
+        """The load's check: the file, ``contexts`` (in order; an MTP context pairs with the
+        last plain one before it) and one computation on the CPU (1: a decode, 2: a
+        speculative step through the MTP layers). Returns whether to repack weights: left
+        to the library (None), a run that dies in the repacked kernels only is retried
+        without them, and the model then loads without (with a warning in the log).
+        Raises ModelLoadError otherwise."""
         specs = tuple(context_spec(c) for c in contexts)
-        key = (self._identity, specs)
-        with _cache_lock:
-            cached = _cache.get(key, "")
-        if cached == "":
-            cached = self._run(specs)
-            with _cache_lock:
-                _cache[key] = cached
-        if cached is not None:
-            failed_at_load = cached.startswith("load:")
-            message = cached.split(":", 1)[1]
-            raise (ModelLoadError if for_model or failed_at_load else LlamaError)(message)
+        failure = self._cached(specs, compute, self.repack is not False)
+        if failure is not None and self.repack is None and failure[0] == "compute":
+            if self._cached(specs, compute, False) is None:
+                logging.getLogger("pyllama_mtp").warning(
+                    "%s: llama.cpp's repacked CPU kernels fail on this machine (%s); loading it with "
+                    "repack=False", self.path, failure[1])
+                self.repack = False
+                return False
+        if failure is not None:
+            raise ModelLoadError(failure[1])
+        self.repack = self.repack is not False
+        return self.repack
 
-    def _run(self, specs: tuple[str, ...]) -> Optional[str]:
-        """None when sound, else "load:<message>" or "context:<message>"."""
+    def check_context(self, contexts: Sequence[ContextConfig]) -> None:
+        """A context of a shape not checked yet (after its target's, for an MTP one):
+        LlamaError if llama.cpp fails or dies creating it."""
+        failure = self._cached(tuple(context_spec(c) for c in contexts), 0, self.repack is not False)
+        if failure is not None:
+            raise (ModelLoadError if failure[0] == "load" else LlamaError)(failure[1])
+
+    def _cached(self, specs: tuple[str, ...], compute: int, repack: bool) -> Optional[tuple[str, str]]:
+        key = (self._identity, specs, compute, repack)
+        with _cache_lock:
+            if key in _cache:
+                return _cache[key]
+        result = self._run(specs, compute, repack)
+        with _cache_lock:
+            _cache[key] = result
+        return result
+
+    def _run(self, specs: tuple[str, ...], compute: int, repack: bool) -> Optional[tuple[str, str]]:
+        """None when sound, else (stage kind, message): kind is load, context or compute."""
         if not HELPER.is_file():
             raise ModelLoadError(f"the pre-flight helper {HELPER.name} is missing from this installation: "
                                  f"reinstall pyllama_mtp, or set {ENV_SWITCH}=0 to load without it")
-        command = [str(HELPER), self.path, "1" if self.load_mtp else "0", *specs]
+        command = [str(HELPER), self.path, *(str(int(v)) for v in (self.load_mtp, self.use_mmap, compute, repack)),
+                   *specs]
         try:
             child = subprocess.run(command, capture_output=True, text=True, errors="replace",
                                    timeout=TIMEOUT_S, stdin=subprocess.DEVNULL)
         except subprocess.TimeoutExpired:
-            return f"load:{self.path}: llama.cpp's dry load did not finish within {TIMEOUT_S:.0f} s"
+            return "load", f"{self.path}: llama.cpp's trial load did not finish within {TIMEOUT_S:.0f} s"
         for line in child.stderr.splitlines():
             _log.debug("pre-flight: %s", line)
         if child.returncode == 0:
             return None
         stages = [line[6:] for line in child.stdout.splitlines() if line.startswith("stage ")]
-        stage = stages[-1] if stages else "start"
+        stage = stages[-1] if stages else "load"
+        kind = "context" if stage.startswith("context") else "compute" if stage == "compute" else "load"
         reason = _reason(child.stderr)
-        where = "load" if stage in ("start", "load", "vocabulary") else "context"
         if child.returncode == _LOAD_FAILED:
-            return f"load:llama.cpp cannot load {self.path}: {reason}"
+            return "load", f"llama.cpp cannot load {self.path}: {reason}"
         if child.returncode == _CONTEXT_FAILED:
-            return f"context:llama.cpp cannot create a context on {self.path}: {reason}"
-        what = _signal_name(child.returncode)
-        doing = "loading the model" if where == "load" else f"building the graphs of {stage}"
-        return (f"{where}:{self.path}: llama.cpp would end the process ({what} while {doing}; "
-                f"found by a dry run in a child process): {reason}")
+            return kind, f"llama.cpp cannot create a context on {self.path}: {reason}"
+        doing = {"compute": "loading the model and computing with it once", "context": f"building the graphs of {stage}"}
+        return kind, (f"{self.path}: llama.cpp would end the process ({_signal_name(child.returncode)} while "
+                      f"{doing.get(kind, 'loading the model')}; found by a trial run in a child process): {reason}")
 
 
 def _reason(stderr: str) -> str:

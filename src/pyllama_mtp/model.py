@@ -60,6 +60,7 @@ class Model(Resource):
         devices: Optional[Sequence[str]] = None,
         mtp_device: Optional[str] = None,
         preflight: Optional[bool] = None,
+        repack: Optional[bool] = None,
     ) -> "Model":
         """Load a GGUF file.
 
@@ -75,12 +76,16 @@ class Model(Resource):
                 order; default: every device llama.cpp finds.
             mtp_device: put the MTP layers (and so the draft computation) on this device
                 instead, e.g. a second, smaller GPU, or ``"CPU"``.
-            preflight: first run llama.cpp's loader and a context's set-up dry in a child
-                process (no weight is read), so that a file that would abort llama.cpp
-                raises ModelLoadError instead of ending this process; contexts of a new
-                shape are checked the same way. Default: on, unless the environment sets
+            preflight: first run llama.cpp's loader, a context's set-up (dry) and one
+                computation on the CPU in a child process, so that a file that would abort
+                llama.cpp raises ModelLoadError instead of ending this process; contexts of
+                a new shape are checked the same way (dry). Default: on, unless the environment sets
                 ``PYLLAMA_MTP_PREFLIGHT=0``. ``False`` saves its cost (see the README's
                 reliability section) for files known to be sound.
+            repack: let llama.cpp repack weights into the CPU's extra buffer types
+                (AMX, interleaved layouts) for faster kernels. None: yes, unless the
+                pre-flight's computation dies in those kernels on this machine, then no
+                (with a warning in the log).
 
         Raises:
             ModelLoadError: the file is missing, unreadable, corrupt or unsupported, or
@@ -94,14 +99,15 @@ class Model(Resource):
         info = check_gguf_file(path_str)
         check = None
         if _preflight.enabled(preflight):
-            check = _preflight.Preflight(path_str, load_mtp)
-            check.check(cls._load_time_contexts(info, load_mtp))
+            check = _preflight.Preflight(path_str, load_mtp, use_mmap, repack)
+            contexts = cls._load_time_contexts(info, load_mtp)
+            repack = check.check_load(contexts, compute=2 if any(c.mtp for c in contexts) else 1)
         overrides = None
         if mtp_device is not None and load_mtp and info["n_layer_nextn"] > 0:
             blocks = "|".join(str(info["n_layer"] + i) for i in range(info["n_layer_nextn"]))
             overrides = [(rf"^blk\.({blocks})\.", mtp_device)]
         native = _lowlevel.NativeModel(
-            path_str, n_gpu_layers=n_gpu_layers, load_mtp=load_mtp, use_mmap=use_mmap,
+            path_str, n_gpu_layers=n_gpu_layers, load_mtp=load_mtp, use_mmap=use_mmap, repack=repack is not False,
             progress=progress, devices=list(devices) if devices is not None else None,
             overrides=overrides)
         try:
@@ -125,7 +131,7 @@ class Model(Resource):
                            target: Optional[_lowlevel.ContextConfig]) -> None:
         """Check a context of this shape (an MTP one after its target's) in a child first."""
         if self._preflight is not None:
-            self._preflight.check([target, config] if target is not None else [config], for_model=False)
+            self._preflight.check_context([target, config] if target is not None else [config])
 
     # -- lifetime ---------------------------------------------------------------------
     def close(self) -> None:
@@ -341,5 +347,5 @@ def quantize(source: PathLike, destination: PathLike, ftype: str = "q8_0", *,
         raise ModelLoadError(f"no such model file: {source_str}")
     check_gguf_file(source_str)
     if _preflight.enabled(None):
-        _preflight.Preflight(source_str, True).check()
+        _preflight.Preflight(source_str, True, False).check_context([])
     _lowlevel.quantize(source_str, destination_str, key, n_threads or _lowlevel.default_threads(), pure)

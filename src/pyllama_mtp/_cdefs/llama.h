@@ -77,6 +77,7 @@ struct llama_model_params {
     bool vocab_only;
     bool check_tensors;
     bool load_mtp;
+    bool use_extra_bufts;
     ...;
 };
 

@@ -45,6 +45,7 @@ class NativeModel(NativeHandle):
         n_gpu_layers: int,
         load_mtp: bool,
         use_mmap: bool,
+        repack: bool = True,
         vocab_only: bool = False,
         progress: Optional[Callable[[float], Optional[bool]]] = None,
         devices: Optional[list[str]] = None,
@@ -70,6 +71,7 @@ class NativeModel(NativeHandle):
         params.load_mtp = load_mtp
         params.vocab_only = vocab_only
         params.load_mode = lib.LLAMA_LOAD_MODE_MMAP if use_mmap else lib.LLAMA_LOAD_MODE_NONE
+        params.use_extra_bufts = repack
         relay = handle = None
         if progress is not None:
             relay = _ProgressRelay(progress)
