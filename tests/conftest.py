@@ -32,6 +32,23 @@ def pytest_report_header(config):
     return f"pyllama_mtp backend under test: {BACKEND} (lossless runs: {LOSSLESS_TOKENS} tokens)"
 
 
+# Counts that CI's log must show (the damaged-file runs): printed after the test summary.
+_SUMMARY: list[str] = []
+
+
+@pytest.fixture(scope="session")
+def summary_line():
+    """summary_line(text): print text in the terminal summary, whatever pytest captured."""
+    return _SUMMARY.append
+
+
+def pytest_terminal_summary(terminalreporter):
+    if _SUMMARY:
+        terminalreporter.section("reliability counts")
+        for line in _SUMMARY:
+            terminalreporter.write_line(line)
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

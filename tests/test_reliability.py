@@ -261,20 +261,28 @@ def test_load_decode_close_cycles_keep_memory_flat(model_path):
 
 # -- damaged model files -------------------------------------------------------------
 
+# Each file: load, a context of the load's own checked shape, a decode, four generated
+# tokens, and with MTP layers four through the speculative decoder. Every failure must be
+# a LlamaError; anything else, or the child's death, is counted against the library.
 _CHILD = r"""
 import json, sys
-from pyllama_mtp import Model, ModelLoadError
+from pyllama_mtp import LlamaError, Model, SpeculativeDecoder
 for line in sys.stdin:
     path = line.strip()
     print("@@" + json.dumps({"path": path, "status": "start"}), flush=True)
     try:
-        with Model.load(path) as model, model.context(n_ctx=64, n_threads=1) as ctx:
-            ctx.decode([1, 2, 3])
+        with Model.load(path) as model:
+            with model.context(n_threads=1) as ctx:
+                ctx.decode([1, 2, 3])
+                list(ctx.generate("Hello", max_tokens=4, stop_at_eog=False))
+            if model.mtp_loaded:
+                with SpeculativeDecoder.create(model, n_ctx=2048, n_draft=2, n_threads=1) as dec:
+                    list(dec.generate("Hello", max_tokens=4, stop_at_eog=False))
         status = "loaded"
-    except ModelLoadError:
-        status = "clean-error"
+    except LlamaError as exc:
+        status = "clean-error:" + type(exc).__name__
     except Exception as exc:
-        status = "other-error:" + type(exc).__name__
+        status = "other-error:" + type(exc).__name__ + ": " + str(exc)[:200]
     print("@@" + json.dumps({"path": path, "status": status}), flush=True)
 """
 
@@ -344,26 +352,70 @@ def load_in_children(paths):
     return results
 
 
-def fuzz(model_path, tmp_path, arch, n_random):
+def fuzz(model_path, tmp_path, arch, n_random, summary_line):
     paths = damaged_variants(model_path(arch), tmp_path, n_random)
     results = load_in_children(paths)
     counts = {}
     for status in results.values():
         counts[status.split(":")[0]] = counts.get(status.split(":")[0], 0) + 1
-    print(f"fuzz {arch}: {len(paths)} files, {counts}")
+    summary_line(f"random damage to {arch}: {len(paths)} files, {counts}")
     crashes = {p: s for p, s in results.items() if not s.startswith(("loaded", "clean-error"))}
     assert not crashes, crashes
     return counts
 
 
-def test_damaged_model_files_never_crash_quick(model_path, tmp_path, arch):
-    counts = fuzz(model_path, tmp_path, arch, n_random=40)
+def test_damaged_model_files_never_crash_quick(model_path, tmp_path, arch, summary_line):
+    counts = fuzz(model_path, tmp_path, arch, n_random=40, summary_line=summary_line)
     assert counts.get("clean-error", 0) > 10
 
 
 @pytest.mark.skipif(not os.environ.get("PYLLAMA_MTP_FUZZ_FULL"), reason="full fuzz run: set PYLLAMA_MTP_FUZZ_FULL=1")
-def test_damaged_model_files_never_crash_full(model_path, tmp_path, arch):
-    fuzz(model_path, tmp_path, arch, n_random=2000)
+def test_damaged_model_files_never_crash_full(model_path, tmp_path, arch, summary_line):
+    fuzz(model_path, tmp_path, arch, n_random=2000, summary_line=summary_line)
+
+
+# -- structured mutations (tests/gguf_mutations.py) --------------------------------------
+
+def mutation_run(source, tmp_path, limit=None, chunk=100):
+    """Write, load and delete the mutations of ``source`` a chunk at a time; returns
+    {mutation name: status}."""
+    from gguf_mutations import spread, structured_mutations
+
+    cases = structured_mutations(source)
+    if limit is not None:
+        cases = spread(cases, limit)
+    results = {}
+    for begin in range(0, len(cases), chunk):
+        paths = {}
+        for i, case in enumerate(cases[begin:begin + chunk], start=begin):
+            paths[str(tmp_path / f"m{i}.gguf")] = case.name
+            case.write(tmp_path / f"m{i}.gguf")
+        for path, status in load_in_children(list(paths)).items():
+            results[paths[path]] = status
+        for path in paths:
+            os.unlink(path)
+    return results
+
+
+def check_mutations(model_path, tmp_path, arch, summary_line, limit):
+    results = mutation_run(model_path(arch), tmp_path, limit)
+    clean = sum(s.startswith("clean-error") for s in results.values())
+    loaded = sum(s == "loaded" for s in results.values())
+    failures = {name: s for name, s in results.items() if not s.startswith(("loaded", "clean-error"))}
+    crashes = sum(s.startswith("crash") for s in failures.values())
+    summary_line(f"structured mutations of {arch}: {len(results)} cases, {clean} clean errors, "
+                 f"{loaded} loaded and generated, {crashes} crashes, {len(failures) - crashes} other errors")
+    assert not failures, failures
+    assert clean > len(results) // 4 and loaded > 0
+
+
+def test_structured_mutations_never_crash_quick(model_path, tmp_path, arch, summary_line):
+    check_mutations(model_path, tmp_path, arch, summary_line, limit=150)
+
+
+@pytest.mark.skipif(not os.environ.get("PYLLAMA_MTP_FUZZ_FULL"), reason="full fuzz run: set PYLLAMA_MTP_FUZZ_FULL=1")
+def test_structured_mutations_never_crash_full(model_path, tmp_path, arch, summary_line):
+    check_mutations(model_path, tmp_path, arch, summary_line, limit=None)
 
 
 @pytest.mark.skipif(not os.environ.get("PYLLAMA_MTP_SOAK"), reason="soak run: set PYLLAMA_MTP_SOAK=1")
