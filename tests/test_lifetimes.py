@@ -142,9 +142,13 @@ def run_threads(target, n):
     return errors
 
 
-def test_a_shared_sampler_across_threads(model_path):
+def test_a_shared_sampler_across_threads(model_path, backend_name):
     """One Sampler used by four threads, each on its own context: greedy results equal the
     solo ones; a sampled one draws valid tokens (the draws interleave, nothing crashes)."""
+    if backend_name == "rpc":
+        # Four contexts computing from four threads: see test_reliability's threads_supported.
+        pytest.skip("backend rpc: ggml's RPC client aborted the process (in a thread of its own, "
+                    "no message) with contexts computing from several threads, even serialised")
     prompts = ["The quick brown fox", "Once upon a time", "import numpy as np", "Dear sir"]
     with Model.load(model_path("qwen35")) as model:
         expected = [plain_greedy(model, p, 40) for p in prompts]
