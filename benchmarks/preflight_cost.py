@@ -1,12 +1,14 @@
 """What the pre-flight costs: Model.load (and a first context) with and without it.
 
-    python benchmarks/preflight_cost.py [--reps 5] [--full]
+    python benchmarks/preflight_cost.py [--reps 5] [--full] [--cold]
 
 For each model, loads with ``preflight=True`` and ``preflight=False`` alternate (A B A B
 ...), the pre-flight's cache emptied before each, the file in the page cache for both.
 Reports median wall time of load + one context (2048 positions) and the helper's peak
 resident memory (it is a separate process: it never adds to the caller's). ``--full``
 adds the 391 M-parameter benchmark model of mtp_bench.py (f32, 1.5 GB; written once).
+``--cold`` empties the page cache before each load instead (Linux, as root), as for a
+file read for the first time.
 Speed is reported, never asserted.
 """
 
@@ -41,17 +43,26 @@ def helper_peak_mib(path: pathlib.Path) -> float:
     return int(run.stderr.strip().splitlines()[-1]) / 1024
 
 
-def measure(path: pathlib.Path, reps: int) -> dict:
+def drop_page_cache() -> None:
+    with open("/proc/sys/vm/drop_caches", "w") as control:
+        control.write("3\n")
+
+
+def measure(path: pathlib.Path, reps: int, cold: bool = False) -> dict:
     timings: dict[bool, list[float]] = {True: [], False: []}
     helper_only: list[float] = []
     for _ in range(reps):
         for preflight in (True, False):
             _preflight._cache.clear()
+            if cold:
+                drop_page_cache()
             start = time.perf_counter()
             with Model.load(path, preflight=preflight) as model, model.context(n_ctx=2048):
                 pass
             timings[preflight].append(time.perf_counter() - start)
         _preflight._cache.clear()
+        if cold:
+            drop_page_cache()
         start = time.perf_counter()
         _preflight.Preflight(str(path), True, True).check_load(Model._load_time_contexts(
             {"n_layer_nextn": 1, "architecture": "qwen35"}, True), compute=2)
@@ -66,11 +77,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--full", action="store_true", help="also the 391 M-parameter model")
+    parser.add_argument("--cold", action="store_true", help="empty the page cache before each load (root)")
     args = parser.parse_args()
     models = [fixtures.make_model("qwen35"), fixtures.make_model("glm4moe")]
     if args.full:
         models.append(fixtures.make_model(**FULL_MODEL, eps=fixtures.DEMO_EPS_TABLE[4][0] * 1.06))
-    rows = [measure(path, args.reps) for path in models]
+    rows = [measure(path, args.reps, args.cold) for path in models]
     print("| model | size | load + context, pre-flight on | off | extra | helper alone | helper peak RSS |")
     print("|---|---|---|---|---|---|---|")
     for row in rows:

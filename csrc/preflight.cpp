@@ -11,9 +11,9 @@
 // graphs without allocating them. The vocabulary is exercised on its special tokens.
 // With COMPUTE 1 (2) the file is then loaded for real on the CPU (mapped with USE_MMAP, so the
 // weights come from the page cache the real load fills anyway) and computed once: a
-// two-token decode (2: instead one speculative step through the shim (prefill,
-// draft, verify). ggml checks a tensor's type only when a kernel runs (a norm weight
-// stored as f16 aborts in the CPU's binary ops), so only a computation finds those.
+// two-token decode (2: instead a prefill and a two-token draft through the shim). ggml
+// checks some tensor types only when a kernel runs (a norm weight stored as f16 aborts in
+// the CPU's binary ops), so only a computation finds those.
 //
 // Protocol: stdout gets "stage NAME" before each step, flushed, so the caller knows where
 // a crash happened; stderr gets llama.cpp's warnings and errors and, on a failed assert,
@@ -31,6 +31,14 @@
 #include <vector>
 
 namespace {
+
+void set_env(const char * name, const char * value) {
+#if defined(_WIN32)
+    _putenv_s(name, value);
+#else
+    setenv(name, value, 1);
+#endif
+}
 
 void stage(const std::string & name) {
     std::fprintf(stdout, "stage %s\n", name.c_str());
@@ -141,11 +149,12 @@ int compute_once(const char * path, const llama_model_params & dry, bool use_mma
             int32_t spec_status = PMTP_ERR_ARGUMENT;
             pmtp_spec * spec = draft ? pmtp_spec_new(target, draft, 1, 2, &spec_status) : nullptr;
             if (spec != nullptr) {
+                // The prefill runs the trunk and the drafter's catch-up, the draft the MTP
+                // head twice: every kernel of a step, with a single pass over the trunk's
+                // weights (a verify would be a second one).
                 const int32_t n_draft[1] = {2};
-                llama_token out[PMTP_MAX_DRAFT + 1];
-                int32_t count = 0;
                 const bool ran = pmtp_spec_prefill(spec, 0, tokens.data(), (int32_t) tokens.size()) == PMTP_OK &&
-                                 pmtp_spec_step_each(spec, n_draft, 0.0f, out, &count, nullptr) == PMTP_OK;
+                                 pmtp_spec_draft(spec, n_draft, 0.0f) == PMTP_OK;
                 status = ran ? 0 : 3;
                 pmtp_spec_free(spec);
             }
@@ -181,7 +190,11 @@ int main(int argc, char ** argv) {
         }
     }
     // ggml would otherwise attach a debugger to print a backtrace before it aborts.
-    setenv("GGML_NO_BACKTRACE", "1", 1);
+    set_env("GGML_NO_BACKTRACE", "1");
+    // Everything here runs on the CPU: spare the GPU backends their device set-up.
+    set_env("GGML_VK_VISIBLE_DEVICES", "");
+    set_env("CUDA_VISIBLE_DEVICES", "");
+    set_env("HIP_VISIBLE_DEVICES", "");
     ggml_set_abort_callback(report_abort);
     llama_log_set(log_errors, nullptr);
     llama_backend_init();

@@ -40,7 +40,7 @@ _log = logging.getLogger("pyllama_mtp.llama_cpp")
 # Exit statuses of the helper (csrc/preflight.cpp).
 _LOAD_FAILED, _CONTEXT_FAILED = 2, 3
 
-_cache: dict[tuple, Optional[str]] = {}
+_cache: dict[tuple, tuple[int, Optional[tuple[str, str]]]] = {}
 _cache_lock = threading.Lock()
 
 
@@ -71,16 +71,18 @@ class Preflight:
         st = os.stat(path)
         self._identity = (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ino, load_mtp, use_mmap)
 
-    def check_load(self, contexts: Sequence[ContextConfig], compute: int) -> bool:
+    def check_load(self, contexts: Sequence[ContextConfig], compute: int, weights_on_cpu: bool = True) -> bool:
         """The load's check: the file, ``contexts`` (in order; an MTP context pairs with the
         last plain one before it) and one computation on the CPU (1: a decode, 2: a
         speculative step through the MTP layers). Returns whether to repack weights: left
         to the library (None), a run that dies in the repacked kernels only is retried
         without them, and the model then loads without (with a warning in the log).
-        Raises ModelLoadError otherwise."""
+        Raises ModelLoadError otherwise. When the weights go to another device
+        (``weights_on_cpu`` False) the trial never repacks: a repacked copy of a large
+        model would cost the child its size in memory, for kernels the load will not use."""
         specs = tuple(context_spec(c) for c in contexts)
-        failure = self._cached(specs, compute, self.repack is not False)
-        if failure is not None and self.repack is None and failure[0] == "compute":
+        failure = self._cached(specs, compute, self.repack is not False and weights_on_cpu)
+        if failure is not None and self.repack is None and weights_on_cpu and failure[0] == "compute":
             if self._cached(specs, compute, False) is None:
                 logging.getLogger("pyllama_mtp").warning(
                     "%s: llama.cpp's repacked CPU kernels fail on this machine (%s); loading it with "
@@ -100,13 +102,18 @@ class Preflight:
             raise (ModelLoadError if failure[0] == "load" else LlamaError)(failure[1])
 
     def _cached(self, specs: tuple[str, ...], compute: int, repack: bool) -> Optional[tuple[str, str]]:
-        key = (self._identity, specs, compute, repack)
+        """A run's result; a run of the same contexts that computed at least as much, or
+        that failed before computing, answers for this one."""
+        key = (self._identity, specs, repack)
         with _cache_lock:
-            if key in _cache:
-                return _cache[key]
+            known = _cache.get(key)
+        if known is not None:
+            computed, result = known
+            if computed >= compute or (result is not None and result[0] != "compute"):
+                return result
         result = self._run(specs, compute, repack)
         with _cache_lock:
-            _cache[key] = result
+            _cache[key] = (compute, result)
         return result
 
     def _run(self, specs: tuple[str, ...], compute: int, repack: bool) -> Optional[tuple[str, str]]:

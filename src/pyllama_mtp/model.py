@@ -101,7 +101,10 @@ class Model(Resource):
         if _preflight.enabled(preflight):
             check = _preflight.Preflight(path_str, load_mtp, use_mmap, repack)
             contexts = cls._load_time_contexts(info, load_mtp)
-            repack = check.check_load(contexts, compute=2 if any(c.mtp for c in contexts) else 1)
+            offloads = n_gpu_layers != 0 and any(
+                d.type in ("gpu", "igpu") for d in _lowlevel.devices() if devices is None or d.name in devices)
+            repack = check.check_load(contexts, compute=2 if any(c.mtp for c in contexts) else 1,
+                                      weights_on_cpu=not offloads)
         overrides = None
         if mtp_device is not None and load_mtp and info["n_layer_nextn"] > 0:
             blocks = "|".join(str(info["n_layer"] + i) for i in range(info["n_layer_nextn"]))
