@@ -112,3 +112,18 @@ def test_command_line_tools(model_path, tmp_path):
     bench = run("bench", "-m", original, "-n", "32", "-t", "1", "--drafts", "1", "3")
     assert bench.returncode == 0, bench.stderr
     assert "plain:" in bench.stdout and "MTP n_draft=3:" in bench.stdout and "acceptance" in bench.stdout
+
+
+def test_graft_compares_tokens_that_are_not_utf8(model_path, tmp_path):
+    """A donor whose first token is not UTF-8 text differs from the trunk: an
+    InvalidArgumentError, not a UnicodeDecodeError from the GGUF reader."""
+    from gguf_mutations import structured_mutations
+
+    source = model_path("qwen35")
+    donor = tmp_path / "donor.gguf"
+    case = next(m for m in structured_mutations(source) if m.name.endswith("[0]=invalid-utf8"))
+    case.write(donor)
+    trunk = tmp_path / "trunk.gguf"
+    gguf_tools.strip(source, trunk)
+    with pytest.raises(InvalidArgumentError, match="vocabulary tokens differ"):
+        gguf_tools.graft(donor, trunk, tmp_path / "x.gguf")

@@ -84,7 +84,10 @@ class _Model:
 
     def scalar(self, key: str, default: object) -> object:
         found = self.reader.fields.get(key)
-        return found.contents() if found is not None else default
+        try:
+            return found.contents() if found is not None else default
+        except UnicodeDecodeError as exc:
+            raise ModelLoadError(f"{self.path}: {key} is not UTF-8 text ({exc})") from exc
 
     def block_of(self, name: str) -> Optional[int]:
         match = _BLOCK.match(name)
@@ -96,7 +99,8 @@ class _Model:
 
     def tokens_digest(self) -> int:
         tokens = self.reader.fields.get("tokenizer.ggml.tokens")
-        return hash(tuple(tokens.contents())) if tokens is not None else 0
+        # The raw bytes: a token need not be valid UTF-8 to be compared.
+        return hash(tuple(bytes(tokens.parts[i]) for i in tokens.data)) if tokens is not None else 0
 
 
 def inspect(path: PathLike) -> GGUFSummary:
