@@ -409,8 +409,9 @@ def check_mutations(model_path, tmp_path, arch, summary_line, limit):
     assert clean > len(results) // 4 and loaded > 0
 
 
-def test_structured_mutations_never_crash_quick(model_path, tmp_path, arch, summary_line):
-    check_mutations(model_path, tmp_path, arch, summary_line, limit=150)
+def test_structured_mutations_never_crash_quick(model_path, tmp_path, arch, summary_line, backend_name):
+    # Software Vulkan decodes these ~500x slower than the CPU: a smaller even spread there.
+    check_mutations(model_path, tmp_path, arch, summary_line, limit=150 if backend_name == "cpu" else 40)
 
 
 @pytest.mark.skipif(not os.environ.get("PYLLAMA_MTP_FUZZ_FULL"), reason="full fuzz run: set PYLLAMA_MTP_FUZZ_FULL=1")
