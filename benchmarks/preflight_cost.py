@@ -38,7 +38,7 @@ def helper_peak_mib(path: pathlib.Path) -> float:
         return float("nan")
     specs = [_preflight.context_spec(c) for c in Model._load_time_contexts(
         {"n_layer_nextn": 1, "architecture": "qwen35"}, True)]
-    run = subprocess.run([timer, "-f", "%M", str(_preflight.HELPER), str(path), "1", "1", "2", "1", *specs],
+    run = subprocess.run([timer, "-f", "%M", str(_preflight.HELPER), str(path), "1", "2", "1", *specs],
                          capture_output=True, text=True, check=True)
     return int(run.stderr.strip().splitlines()[-1]) / 1024
 
@@ -64,7 +64,7 @@ def measure(path: pathlib.Path, reps: int, cold: bool = False) -> dict:
         if cold:
             drop_page_cache()
         start = time.perf_counter()
-        _preflight.Preflight(str(path), True, True).check_load(Model._load_time_contexts(
+        _preflight.Preflight(str(path), True).check_load(Model._load_time_contexts(
             {"n_layer_nextn": 1, "architecture": "qwen35"}, True), compute=2)
         helper_only.append(time.perf_counter() - start)
     on, off = statistics.median(timings[True]), statistics.median(timings[False])

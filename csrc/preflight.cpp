@@ -2,27 +2,29 @@
 // own, so that a model file that would abort the process (a failed GGML_ASSERT, an
 // uncaught C++ exception, a division by zero) kills this process instead of the caller's.
 //
-// Usage: pmtp-preflight MODEL LOAD_MTP USE_MMAP COMPUTE REPACK [CONTEXT...]
+// Usage: pmtp-preflight MODEL LOAD_MTP COMPUTE REPACK [CONTEXT...]
 //   CONTEXT = n_ctx,n_batch,n_ubatch,n_seq_max,n_rs_seq,embeddings,flash_attn(-1|0|1),
 //             kv_unified,mtp; an MTP context pairs with the last non-MTP one before it.
 //
 // The model is read with no_alloc (metadata and tensor shapes, no weight is read: the same
 // dry run as upstream's parameter fitting) on the CPU only; each context then reserves its
 // graphs without allocating them. The vocabulary is exercised on its special tokens.
-// With COMPUTE 1 (2) the file is then loaded for real on the CPU (mapped with USE_MMAP, so the
-// weights come from the page cache the real load fills anyway) and computed once: a
+// With COMPUTE 1 (2) the file is then loaded for real on the CPU (always mapped, so the
+// weights come from the page cache, never a private copy) and computed once: a
 // two-token decode (2: instead a prefill and a two-token draft through the shim). ggml
 // checks some tensor types only when a kernel runs (a norm weight stored as f16 aborts in
 // the CPU's binary ops), so only a computation finds those.
 //
 // Protocol: stdout gets "stage NAME" before each step, flushed, so the caller knows where
 // a crash happened; stderr gets llama.cpp's warnings and errors and, on a failed assert,
-// ggml's message. Exit status: 0 sound, 2 the load failed cleanly, 3 a context failed
-// cleanly, 64 bad usage; death by a signal is what the caller turns into an error.
+// ggml's message. Exit status: 0 sound; 10, 11, 12 llama.cpp refused cleanly to load, to
+// create a context, to compute (clear of 1-3: abort() exits 3 on Windows); 64 bad usage.
+// Death by a signal is what the caller turns into an error.
 
 #include "llama.h"
 #include "pyllama_mtp.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -31,6 +33,10 @@
 #include <vector>
 
 namespace {
+
+constexpr int exit_load_failed = 10;
+constexpr int exit_context_failed = 11;
+constexpr int exit_compute_failed = 12;
 
 void set_env(const char * name, const char * value) {
 #if defined(_WIN32)
@@ -112,13 +118,14 @@ void exercise_vocab(const llama_model * model) {
 }
 
 // The real thing, once, on the CPU: returns an exit status (0 when it ran).
-int compute_once(const char * path, const llama_model_params & dry, bool use_mmap, bool mtp) {
+int compute_once(const char * path, const llama_model_params & dry, bool mtp) {
     llama_model_params params = dry;
     params.no_alloc = false;
-    params.load_mode = use_mmap ? LLAMA_LOAD_MODE_MMAP : LLAMA_LOAD_MODE_NONE;
+    // Always mapped: a read into private memory would cost the child the model's size.
+    params.load_mode = LLAMA_LOAD_MODE_MMAP;
     llama_model * model = llama_model_load_from_file(path, params);
     if (model == nullptr) {
-        return 2;
+        return exit_load_failed;
     }
     const llama_vocab * vocab = llama_model_get_vocab(model);
     const int32_t n_vocab = llama_vocab_n_tokens(vocab);
@@ -134,13 +141,13 @@ int compute_once(const char * path, const llama_model_params & dry, bool use_mma
     cparams.n_rs_seq = 4;  // rollback snapshots for a speculative step on recurrent memory
     cparams.n_threads = cparams.n_threads_batch = (int32_t) std::max(1u, std::min(4u, std::thread::hardware_concurrency()));
     cparams.no_perf = true;
-    int status = 3;
+    int status = exit_context_failed;
     llama_context * target = llama_init_from_model(model, cparams);
     llama_context * draft = nullptr;
     if (target != nullptr && !tokens.empty()) {
         if (!mtp || llama_model_n_layer_nextn(model) <= 0) {
             llama_batch batch = llama_batch_get_one(tokens.data(), (int32_t) tokens.size());
-            status = llama_decode(target, batch) == 0 ? 0 : 3;
+            status = llama_decode(target, batch) == 0 ? 0 : exit_compute_failed;
         } else {
             llama_context_params dparams = cparams;
             dparams.ctx_type = LLAMA_CONTEXT_TYPE_MTP;
@@ -155,7 +162,7 @@ int compute_once(const char * path, const llama_model_params & dry, bool use_mma
                 const int32_t n_draft[1] = {2};
                 const bool ran = pmtp_spec_prefill(spec, 0, tokens.data(), (int32_t) tokens.size()) == PMTP_OK &&
                                  pmtp_spec_draft(spec, n_draft, 0.0f) == PMTP_OK;
-                status = ran ? 0 : 3;
+                status = ran ? 0 : exit_compute_failed;
                 pmtp_spec_free(spec);
             }
         }
@@ -173,18 +180,17 @@ int compute_once(const char * path, const llama_model_params & dry, bool use_mma
 }  // namespace
 
 int main(int argc, char ** argv) {
-    if (argc < 6) {
-        std::fprintf(stderr, "usage: %s MODEL LOAD_MTP USE_MMAP COMPUTE REPACK [n_ctx,n_batch,n_ubatch,n_seq_max,n_rs_seq,"
+    if (argc < 5) {
+        std::fprintf(stderr, "usage: %s MODEL LOAD_MTP COMPUTE REPACK [n_ctx,n_batch,n_ubatch,n_seq_max,n_rs_seq,"
                              "embeddings,flash_attn,kv_unified,mtp ...]\n", argv[0]);
         return 64;
     }
     const bool load_mtp = std::atoi(argv[2]) != 0;
-    const bool use_mmap = std::atoi(argv[3]) != 0;
-    const int compute = std::atoi(argv[4]);  // 0 none, 1 a decode, 2 a speculative step
-    const bool repack = std::atoi(argv[5]) != 0;  // weights into the CPU's extra buffer types
-    std::vector<context_spec> contexts(argc - 6);
-    for (int i = 6; i < argc; i++) {
-        if (!parse_context(argv[i], contexts[i - 6])) {
+    const int compute = std::atoi(argv[3]);  // 0 none, 1 a decode, 2 a speculative step
+    const bool repack = std::atoi(argv[4]) != 0;  // weights into the CPU's extra buffer types
+    std::vector<context_spec> contexts(argc - 5);
+    for (int i = 5; i < argc; i++) {
+        if (!parse_context(argv[i], contexts[i - 5])) {
             std::fprintf(stderr, "bad context specification: %s\n", argv[i]);
             return 64;
         }
@@ -210,7 +216,7 @@ int main(int argc, char ** argv) {
     mparams.use_extra_bufts = repack;
     llama_model * model = llama_model_load_from_file(argv[1], mparams);
     if (model == nullptr) {
-        return 2;
+        return exit_load_failed;
     }
 
     stage("vocabulary");
@@ -227,7 +233,7 @@ int main(int argc, char ** argv) {
         }
         llama_context * ctx = llama_init_from_model(model, spec.params);
         if (ctx == nullptr) {
-            status = 3;
+            status = exit_context_failed;
             break;
         }
         made.push_back(ctx);
@@ -242,7 +248,7 @@ int main(int argc, char ** argv) {
     llama_model_free(model);
     if (status == 0 && compute) {
         stage("compute");
-        status = compute_once(argv[1], mparams, use_mmap, compute == 2);
+        status = compute_once(argv[1], mparams, compute == 2);
     }
     llama_backend_free();
     stage(status == 0 ? "sound" : "failed");

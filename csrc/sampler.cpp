@@ -183,8 +183,9 @@ void pmtp_sampler_free(pmtp_sampler * sampler) {
 }
 
 int32_t pmtp_sampler_sample(pmtp_sampler * sampler, llama_context * ctx, int32_t idx, llama_token * out) {
-    if (sampler == nullptr || ctx == nullptr || out == nullptr) {
-        return PMTP_ERR_ARGUMENT;
+    if (sampler == nullptr || ctx == nullptr || out == nullptr ||
+        sampler->n_vocab != llama_vocab_n_tokens(llama_model_get_vocab(llama_get_model(ctx)))) {
+        return PMTP_ERR_ARGUMENT;  // a sampler made for another model's vocabulary
     }
     return pmtp::guarded([&] {
         if (llama_get_logits_ith(ctx, idx) == nullptr) {

@@ -44,7 +44,7 @@ pmtp_spec * pmtp_spec_new(llama_context * tgt, llama_context * dft, int32_t n_se
     *status = PMTP_OK;
     if (tgt == nullptr || dft == nullptr || n_seq <= 0 || n_draft_max <= 0 || n_draft_max > PMTP_MAX_DRAFT ||
         (uint32_t) n_seq > llama_n_seq_max(tgt) || (uint32_t) n_seq > llama_n_seq_max(dft) ||
-        llama_get_model(tgt) != llama_get_model(dft)) {
+        tgt == dft || llama_get_model(tgt) != llama_get_model(dft)) {
         *status = PMTP_ERR_ARGUMENT;
         return nullptr;
     }

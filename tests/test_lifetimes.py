@@ -243,3 +243,28 @@ def test_close_during_a_step_from_another_thread(model_path, closing):
             ctx.decode([1, 2, 3])
         decoder.close()
         model.close()
+
+
+def test_memory_is_freed_children_first_whatever_order_the_closes_come_in(model_path, monkeypatch):
+    """The model's close is deferred, then a decoder's draft context is closed: the C
+    driver, the draft, the target and the model are freed in that order (a target freed
+    before its draft, or a model before its contexts, is a use after free in llama.cpp)."""
+    from pyllama_mtp._lowlevel import handle
+
+    freed = []
+    real_free = handle.NativeHandle.free
+
+    def recording_free(self):
+        if not self.closed:
+            freed.append(self)
+        real_free(self)
+
+    monkeypatch.setattr(handle.NativeHandle, "free", recording_free)
+    model = Model.load(model_path("qwen35"))
+    decoder = SpeculativeDecoder.create(model, n_ctx=128, n_draft=2, n_threads=1)
+    order = [decoder._native, decoder.draft_context._native, decoder.target._native, model._native]
+    model.close()
+    assert freed == []
+    decoder.draft_context.close()
+    assert decoder.closed and decoder.target.closed
+    assert [n for n in freed if n in order] == order

@@ -37,8 +37,15 @@ TIMEOUT_S = 300.0
 HELPER = pathlib.Path(__file__).parent / "lib" / ("pmtp-preflight.exe" if os.name == "nt" else "pmtp-preflight")
 _log = logging.getLogger("pyllama_mtp.llama_cpp")
 
-# Exit statuses of the helper (csrc/preflight.cpp).
-_LOAD_FAILED, _CONTEXT_FAILED = 2, 3
+# Exit statuses of the helper (csrc/preflight.cpp): clean refusals by llama.cpp. Kept
+# clear of 1-3 (a C runtime's abort() exits 3 on Windows).
+_LOAD_FAILED, _CONTEXT_FAILED, _COMPUTE_FAILED = 10, 11, 12
+# Deaths that say nothing about the file (Ctrl-C, a kill, the OOM killer): never cached.
+_OUTSIDE_SIGNALS = {getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGKILL", "SIGHUP") if hasattr(signal, name)}
+
+
+class _Unfinished(Exception):
+    """The trial could not finish for a reason outside the file (killed, timed out)."""
 
 _cache: dict[tuple, tuple[int, Optional[tuple[str, str]]]] = {}
 _cache_lock = threading.Lock()
@@ -62,14 +69,19 @@ def context_spec(config: ContextConfig) -> str:
 class Preflight:
     """The checks of one model file with one load setting."""
 
-    def __init__(self, path: str, load_mtp: bool, use_mmap: bool, repack: Optional[bool] = None) -> None:
+    def __init__(self, path: str, load_mtp: bool, repack: Optional[bool] = None) -> None:
         self.path = path
         self.load_mtp = load_mtp
-        self.use_mmap = use_mmap
         #: Weight repacking into the CPU's extra buffer types (AMX, ...); None until decided.
         self.repack = repack
-        st = os.stat(path)
-        self._identity = (os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ino, load_mtp, use_mmap)
+        self._identity = self._identity_now()
+
+    def _identity_now(self) -> Optional[tuple]:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return (os.path.realpath(self.path), st.st_size, st.st_mtime_ns, st.st_ino, self.load_mtp)
 
     def check_load(self, contexts: Sequence[ContextConfig], compute: int, weights_on_cpu: bool = True) -> bool:
         """The load's check: the file, ``contexts`` (in order; an MTP context pairs with the
@@ -81,14 +93,18 @@ class Preflight:
         (``weights_on_cpu`` False) the trial never repacks: a repacked copy of a large
         model would cost the child its size in memory, for kernels the load will not use."""
         specs = tuple(context_spec(c) for c in contexts)
-        failure = self._cached(specs, compute, self.repack is not False and weights_on_cpu)
-        if failure is not None and self.repack is None and weights_on_cpu and failure[0] == "compute":
-            if self._cached(specs, compute, False) is None:
+        try:
+            failure = self._cached(specs, compute, self.repack is not False and weights_on_cpu)
+            retry = (failure is not None and self.repack is None and weights_on_cpu
+                     and failure[0] == "compute-died")
+            if retry and self._cached(specs, compute, False) is None:
                 logging.getLogger("pyllama_mtp").warning(
                     "%s: llama.cpp's repacked CPU kernels fail on this machine (%s); loading it with "
                     "repack=False", self.path, failure[1])
                 self.repack = False
                 return False
+        except _Unfinished as unfinished:
+            raise ModelLoadError(str(unfinished)) from None
         if failure is not None:
             raise ModelLoadError(failure[1])
         self.repack = self.repack is not False
@@ -96,8 +112,15 @@ class Preflight:
 
     def check_context(self, contexts: Sequence[ContextConfig]) -> None:
         """A context of a shape not checked yet (after its target's, for an MTP one):
-        LlamaError if llama.cpp fails or dies creating it."""
-        failure = self._cached(tuple(context_spec(c) for c in contexts), 0, self.repack is not False)
+        LlamaError if llama.cpp fails or dies creating it. Skipped when the file is no
+        longer the one loaded (moved, replaced): the model in memory was checked at load."""
+        if self._identity != self._identity_now():
+            _log.debug("pre-flight: %s changed since it was loaded; context not tried", self.path)
+            return
+        try:
+            failure = self._cached(tuple(context_spec(c) for c in contexts), 0, self.repack is not False)
+        except _Unfinished as unfinished:
+            raise LlamaError(str(unfinished)) from None
         if failure is not None:
             raise (ModelLoadError if failure[0] == "load" else LlamaError)(failure[1])
 
@@ -109,29 +132,40 @@ class Preflight:
             known = _cache.get(key)
         if known is not None:
             computed, result = known
-            if computed >= compute or (result is not None and result[0] != "compute"):
+            if computed >= compute or (result is not None and not result[0].startswith("compute")):
                 return result
         result = self._run(specs, compute, repack)
         with _cache_lock:
             _cache[key] = (compute, result)
+            if result is None:  # contexts are made in order: each prefix was made dry too
+                for end in range(1, len(specs)):
+                    _cache.setdefault((self._identity, specs[:end], repack), (0, None))
         return result
 
     def _run(self, specs: tuple[str, ...], compute: int, repack: bool) -> Optional[tuple[str, str]]:
-        """None when sound, else (stage kind, message): kind is load, context or compute."""
+        """None when sound, else (stage kind, message): kind is load, context, compute (a
+        clean failure) or compute-died. _Unfinished for a death from outside."""
         if not HELPER.is_file():
             raise ModelLoadError(f"the pre-flight helper {HELPER.name} is missing from this installation: "
                                  f"reinstall pyllama_mtp, or set {ENV_SWITCH}=0 to load without it")
-        command = [str(HELPER), self.path, *(str(int(v)) for v in (self.load_mtp, self.use_mmap, compute, repack)),
+        command = [str(HELPER), self.path, *(str(int(v)) for v in (self.load_mtp, compute, repack)),
                    *specs]
+        # A session of its own: a Ctrl-C meant for this process does not kill the trial.
+        session = ({"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP} if os.name == "nt"
+                   else {"start_new_session": True})
         try:
             child = subprocess.run(command, capture_output=True, text=True, errors="replace",
-                                   timeout=TIMEOUT_S, stdin=subprocess.DEVNULL)
+                                   timeout=TIMEOUT_S, stdin=subprocess.DEVNULL, **session)
         except subprocess.TimeoutExpired:
-            return "load", f"{self.path}: llama.cpp's trial load did not finish within {TIMEOUT_S:.0f} s"
+            raise _Unfinished(f"{self.path}: llama.cpp's trial run did not finish within {TIMEOUT_S:.0f} s "
+                              f"(set {ENV_SWITCH}=0 to load without it)") from None
         for line in child.stderr.splitlines():
             _log.debug("pre-flight: %s", line)
         if child.returncode == 0:
             return None
+        if -child.returncode in _OUTSIDE_SIGNALS:
+            raise _Unfinished(f"{self.path}: llama.cpp's trial run was stopped from outside "
+                              f"({_signal_name(child.returncode)}; out of memory?)")
         stages = [line[6:] for line in child.stdout.splitlines() if line.startswith("stage ")]
         stage = stages[-1] if stages else "load"
         kind = "context" if stage.startswith("context") else "compute" if stage == "compute" else "load"
@@ -140,13 +174,16 @@ class Preflight:
             return "load", f"llama.cpp cannot load {self.path}: {reason}"
         if child.returncode == _CONTEXT_FAILED:
             return kind, f"llama.cpp cannot create a context on {self.path}: {reason}"
+        if child.returncode == _COMPUTE_FAILED:
+            return "compute", f"llama.cpp cannot compute with {self.path}: {reason}"
         doing = {"compute": "loading the model and computing with it once", "context": f"building the graphs of {stage}"}
-        return kind, (f"{self.path}: llama.cpp would end the process ({_signal_name(child.returncode)} while "
-                      f"{doing.get(kind, 'loading the model')}; found by a trial run in a child process): {reason}")
+        return ("compute-died" if kind == "compute" else kind), (
+            f"{self.path}: llama.cpp would end the process ({_signal_name(child.returncode)} while "
+            f"{doing.get(kind, 'loading the model')}; found by a trial run in a child process): {reason}")
 
 
 def _reason(stderr: str) -> str:
-    """llama.cpp's own words: a failed assert, else its error line, else its last line."""
+    """llama.cpp's own words: a failed assert, an uncaught exception, or an error line."""
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     for line in lines:
         if line.startswith("abort: "):
@@ -161,7 +198,7 @@ def _reason(stderr: str) -> str:
     for line in lines:
         if "failed" in line:
             return line
-    return lines[-1] if lines else "no message"
+    return "no message from llama.cpp"
 
 
 def _signal_name(returncode: int) -> str:

@@ -14,6 +14,9 @@ from .errors import ClosedError
 # Held only to flip an object's "released" flag: two threads closing one object at once
 # release it once.
 _CLOSE_FLAG_LOCK = threading.Lock()
+# Held while parents and children register or decide whether memory is still in use
+# (never while freeing: a free waits for a running call).
+_FAMILY_LOCK = threading.RLock()
 
 
 class Resource:
@@ -29,7 +32,8 @@ class Resource:
     children is deferred (:meth:`_release_when_unused`) until the last child closes,
     and the parent refuses new children from the moment close was asked for. A parent
     whose children point into its own native memory (a context and its draft contexts and
-    decoders) closes them first instead (:meth:`_close_children`).
+    decoders) closes them too (:meth:`_close_children`). Either way a parent's native
+    memory is freed only after every child's (:meth:`_free_when_unused`).
 
     ``close()`` may be called from any thread at any time: a native handle is freed under
     its lock, so a call running on it finishes first, and the next one raises ClosedError.
@@ -74,6 +78,8 @@ class Resource:
             self.close()
 
     # -- parent / child ---------------------------------------------------------------
+    _constructing = False
+
     def _live_native(self) -> Any:
         """The native handle, or ClosedError from the moment close() was asked for."""
         if self._close_requested or self._native is None or self._native.closed:
@@ -81,28 +87,61 @@ class Resource:
         return self._native
 
     def _adopt(self, child: "Resource") -> Any:
-        """Register a new child; returns this parent's native handle for it to use."""
-        native = self._live_native()
-        self._children.add(child)
+        """Register a new child; returns this parent's native handle for it to use. The
+        child counts as holding memory from now on (a close of this parent meanwhile
+        waits for it) until it frees its own or gives up (:meth:`_abandon`)."""
+        with _FAMILY_LOCK:
+            native = self._live_native()
+            self._children.add(child)
+            child._constructing = True
+            child.__dict__.setdefault("_parents", []).append(self)
         return native
 
-    def _child_closed(self, child: "Resource") -> None:
-        self._children.discard(child)
-        if self._close_requested and not self._open_children():
-            self._native.free()
+    def _mark_open_child(self) -> None:
+        """:meth:`_mark_open` for an object with parents: ClosedError (and nothing kept)
+        if a parent's close was asked for while this one was being made."""
+        self._mark_open()
+        self._constructing = False
+        if any(parent._close_requested for parent in getattr(self, "_parents", ())):
+            self.close()
+            raise ClosedError(f"the parent of this {type(self).__name__.lower()} was closed while it was made")
+
+    def _abandon(self) -> None:
+        """A constructor failed before its native handle existed: stop counting as a child."""
+        self._constructing = False
+        for parent in getattr(self, "_parents", ()):
+            parent._child_closed(self)
+
+    def _holds_native(self) -> bool:
+        native = self._native
+        return self._constructing or (native is not None and not native.closed)
 
     def _open_children(self) -> list["Resource"]:
-        return [child for child in self._children if not child.closed]
+        """Children whose native memory (which may point into this object's) still exists."""
+        return [child for child in list(self._children) if child._holds_native()]
 
     def _close_children(self) -> None:
-        """Close every open child now (they cannot outlive this object's memory)."""
-        for child in self._open_children():
+        """Close every child now (they cannot outlive this object's memory)."""
+        for child in list(self._children):
             child.close()
 
-    def _release_when_unused(self) -> None:
-        """Free the native handle now, or when the last open child closes."""
-        if not self._open_children():
-            self._native.free()
+    def _child_closed(self, child: "Resource") -> None:
+        """A child freed its native handle (or never made one)."""
+        self._children.discard(child)
+        if self._close_requested:
+            self._free_when_unused()
+
+    def _free_when_unused(self) -> None:
+        """Free the native handle once no child holds memory pointing into it (now, or
+        when the last one frees its own), then tell the parents. Children always free
+        before their parents, whatever order the closes come in."""
+        with _FAMILY_LOCK:
+            native = self._native
+            if native is None or native.closed or self._open_children():
+                return
+        native.free()  # under the handle's own lock: a running call finishes first
+        for parent in getattr(self, "_parents", ()):
+            parent._child_closed(self)
 
 
 def native_handle(resource: Resource) -> Any:

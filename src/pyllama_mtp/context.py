@@ -150,7 +150,6 @@ class Context(Resource):
             # llama.cpp asserts (kills the process) building an MTP graph without the layers.
             raise NoMTPError("this model has no MTP layers loaded: load a model with MTP layers "
                              "and load_mtp=True to create a draft context")
-        model._preflight_context(config, _mtp_target._config if _mtp_target is not None else None)
         self._model = model  # strong: a context keeps its model alive
         # Strong too: llama.cpp keeps a pointer into the target (ctx_other) for drafters
         # that share its memory, so a draft context is closed with its target.
@@ -161,10 +160,15 @@ class Context(Resource):
         self._flash_attn = flash_attn
         self._last_outputs = np.zeros(0, dtype=np.int8)
         self._output_offset = 0
-        native_model = model._adopt(self)
-        native_target = _mtp_target._adopt(self) if _mtp_target is not None else None
-        self._native = _lowlevel.NativeContext(native_model, config, native_target)
-        self._mark_open()
+        native_model = model._adopt(self)  # ClosedError first, before any child process
+        try:
+            native_target = _mtp_target._adopt(self) if _mtp_target is not None else None
+            model._preflight_context(config, _mtp_target._config if _mtp_target is not None else None)
+            self._native = _lowlevel.NativeContext(native_model, config, native_target)
+        except BaseException:
+            self._abandon()
+            raise
+        self._mark_open_child()
         try:
             self._finish_init(warmup)
         except BaseException:
@@ -196,12 +200,10 @@ class Context(Resource):
 
     # -- lifetime ---------------------------------------------------------------------
     def _release(self) -> None:
-        # Draft contexts and decoders hold pointers into this context: they go first.
+        # Draft contexts and decoders hold pointers into this context: they close too,
+        # and their memory is freed before this context's.
         self._close_children()
-        self._native.free()
-        if self._target is not None:
-            self._target._child_closed(self)
-        self._model._child_closed(self)
+        self._free_when_unused()
 
     @property
     def model(self) -> "Model":

@@ -99,12 +99,15 @@ class Model(Resource):
         info = check_gguf_file(path_str)
         check = None
         if _preflight.enabled(preflight):
-            check = _preflight.Preflight(path_str, load_mtp, use_mmap, repack)
+            check = _preflight.Preflight(path_str, load_mtp, repack)
             contexts = cls._load_time_contexts(info, load_mtp)
-            offloads = n_gpu_layers != 0 and any(
-                d.type in ("gpu", "igpu") for d in _lowlevel.devices() if devices is None or d.name in devices)
+            # Every weight on a GPU: the trial does not repack (its copy would cost the child
+            # the model's size). Any layer left on the CPU: it does, as the load will.
+            all_layers = info["n_layer"] + info["n_layer_nextn"]
+            all_offloaded = (n_gpu_layers < 0 or n_gpu_layers > all_layers) and (mtp_device or "").upper() != "CPU" \
+                and any(d.type in ("gpu", "igpu") for d in _lowlevel.devices() if devices is None or d.name in devices)
             repack = check.check_load(contexts, compute=2 if any(c.mtp for c in contexts) else 1,
-                                      weights_on_cpu=not offloads)
+                                      weights_on_cpu=not all_offloaded)
         overrides = None
         if mtp_device is not None and load_mtp and info["n_layer_nextn"] > 0:
             blocks = "|".join(str(info["n_layer"] + i) for i in range(info["n_layer_nextn"]))
@@ -144,7 +147,7 @@ class Model(Resource):
     def _release(self) -> None:
         if self._chat_template is not None:
             self._chat_template.close()
-        self._release_when_unused()
+        self._free_when_unused()
 
     # -- properties -------------------------------------------------------------------
     @property
@@ -350,5 +353,5 @@ def quantize(source: PathLike, destination: PathLike, ftype: str = "q8_0", *,
         raise ModelLoadError(f"no such model file: {source_str}")
     check_gguf_file(source_str)
     if _preflight.enabled(None):
-        _preflight.Preflight(source_str, True, False).check_context([])
+        _preflight.Preflight(source_str, True).check_context([])
     _lowlevel.quantize(source_str, destination_str, key, n_threads or _lowlevel.default_threads(), pure)

@@ -70,9 +70,13 @@ class SpeculativeDecoder(Resource):
                 "(SpeculativeDecoder.create does this)")
         self._target = target
         self._draft_ctx = draft
-        # Registered with both contexts: closing either closes this decoder first.
-        self._native = _lowlevel.NativeSpeculative(target._adopt(self), draft._adopt(self), target.n_seq_max,
-                                                   max_draft)
+        # Registered with both contexts: closing either closes this decoder, freed first.
+        try:
+            self._native = _lowlevel.NativeSpeculative(target._adopt(self), draft._adopt(self),
+                                                       target.n_seq_max, max_draft)
+        except BaseException:
+            self._abandon()
+            raise
         self.n_draft = min(n_draft, self._native.n_draft_max)
         self.p_min = float(p_min)
         # One adaptive policy per sequence: each learns its own sequence's acceptance.
@@ -84,7 +88,7 @@ class SpeculativeDecoder(Resource):
         self._owned: list[Context] = []
         # Each sequence's native sampler (None: greedy, unconstrained), owned here.
         self._samplers: list[Optional[_lowlevel.NativeSampler]] = [None] * target.n_seq_max
-        self._mark_open()
+        self._mark_open_child()
 
     @classmethod
     def create(cls, model, *, n_ctx: int = 2048, n_draft: int = 3, p_min: float = 0.0,
@@ -192,7 +196,7 @@ class SpeculativeDecoder(Resource):
 
     # -- lifetime ---------------------------------------------------------------------
     def _release(self) -> None:
-        self._native.free()
+        self._free_when_unused()  # the C driver, before the contexts it points into
         for sampler in self._samplers:
             if sampler is not None:
                 sampler.free()

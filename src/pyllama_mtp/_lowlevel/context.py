@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -54,16 +55,17 @@ class NativeContext(NativeHandle):
                                       else lib.LLAMA_FLASH_ATTN_TYPE_DISABLED)
         if config.mtp:
             params.ctx_type = lib.LLAMA_CONTEXT_TYPE_MTP
-        if other is not None:
-            # Upstream passes the target to every MTP drafter; llama.cpp keeps it only for
-            # drafters that share the target's KV (gemma4 assistants).
-            params.ctx_other = other.ptr()
         # Cancel flag, deadline and Ctrl-C watch, read by C on every graph node: no
         # Python, no GIL in that check.
         self.abort_state = ffi.new("pmtp_abort_state *")
         params.abort_callback = lib.pmtp_abort_check
         params.abort_callback_data = self.abort_state
-        with model.lock:
+        # The target's lock, then the model's (the one order): neither can be freed here.
+        with other.lock if other is not None else contextlib.nullcontext(), model.lock:
+            if other is not None:
+                # Upstream passes the target to every MTP drafter; llama.cpp keeps it only
+                # for drafters that share the target's KV (gemma4 assistants).
+                params.ctx_other = other.ptr()
             ptr = lib.llama_init_from_model(model.ptr(), params)
         if ptr == ffi.NULL:
             raise LlamaError("llama.cpp could not create the context (see the "

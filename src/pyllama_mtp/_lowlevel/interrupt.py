@@ -25,20 +25,23 @@ class Stoppable:
     the call, and Python's own Ctrl-C handling covers the time between calls.
     """
 
-    __slots__ = ("_handles", "_locks", "_states", "_watching", "_mark")
+    __slots__ = ("_handles", "_locks", "_held", "_states", "_watching", "_mark")
 
     def __init__(self, handles: tuple[Any, ...], states: tuple[Any, ...]) -> None:
         # Locks in the order given (the one order: decoder, target, draft, sampler, model).
         self._handles = handles
         self._locks = tuple(handle.lock for handle in handles)
+        self._held = 0
         self._states = states
         self._watching = False
         self._mark = 0
 
     def __enter__(self) -> "Stoppable":
-        for lock in self._locks:
-            lock.acquire()
+        self._held = 0
         try:
+            for lock in self._locks:
+                lock.acquire()
+                self._held += 1  # a KeyboardInterrupt between two acquires releases what was taken
             for handle in self._handles:
                 handle.ptr()  # ClosedError if closed before we held its lock
             for state in self._states:
@@ -74,8 +77,9 @@ class Stoppable:
         return check_status(status, action, reason)
 
     def _release(self) -> None:
-        for lock in reversed(self._locks):
+        for lock in reversed(self._locks[:self._held]):
             lock.release()
+        self._held = 0
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         interrupted = False
