@@ -113,13 +113,13 @@ def test_kernels_that_die_only_repacked_load_without_repacking(fresh_copy, tmp_p
     monkeypatch.setattr(_preflight, "HELPER", fake_helper(
         tmp_path, 'echo "stage compute"; if [ "$4" = "1" ]; then kill -ILL $$; fi; exit 0'))
     with caplog.at_level(logging.WARNING, logger="pyllama_mtp"):
-        with Model.load(fresh_copy) as model:
+        with Model.load(fresh_copy, n_gpu_layers=0) as model:  # weights on the CPU: repacking matters
             assert model._preflight.repack is False
             with model.context(n_ctx=64) as ctx:
                 ctx.decode([1, 2, 3])
     assert "repack=False" in caplog.text and "SIGILL" in caplog.text
     with pytest.raises(ModelLoadError, match="SIGILL"):  # asked for: no fallback
-        Model.load(fresh_copy, repack=True)
+        Model.load(fresh_copy, repack=True, n_gpu_layers=0)
 
 
 @pytest.mark.skipif(os.name == "nt", reason="the fake helper is a POSIX shell script")

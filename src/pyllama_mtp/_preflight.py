@@ -74,6 +74,8 @@ class Preflight:
         self.load_mtp = load_mtp
         #: Weight repacking into the CPU's extra buffer types (AMX, ...); None until decided.
         self.repack = repack
+        # The repacking the load's trial ran with: context trials reuse its results.
+        self._trial_repack = repack is not False
         self._identity = self._identity_now()
 
     def _identity_now(self) -> Optional[tuple]:
@@ -93,15 +95,16 @@ class Preflight:
         (``weights_on_cpu`` False) the trial never repacks: a repacked copy of a large
         model would cost the child its size in memory, for kernels the load will not use."""
         specs = tuple(context_spec(c) for c in contexts)
+        self._trial_repack = self.repack is not False and weights_on_cpu
         try:
-            failure = self._cached(specs, compute, self.repack is not False and weights_on_cpu)
+            failure = self._cached(specs, compute, self._trial_repack)
             retry = (failure is not None and self.repack is None and weights_on_cpu
                      and failure[0] == "compute-died")
             if retry and self._cached(specs, compute, False) is None:
                 logging.getLogger("pyllama_mtp").warning(
                     "%s: llama.cpp's repacked CPU kernels fail on this machine (%s); loading it with "
                     "repack=False", self.path, failure[1])
-                self.repack = False
+                self.repack = self._trial_repack = False
                 return False
         except _Unfinished as unfinished:
             raise ModelLoadError(str(unfinished)) from None
@@ -118,7 +121,7 @@ class Preflight:
             _log.debug("pre-flight: %s changed since it was loaded; context not tried", self.path)
             return
         try:
-            failure = self._cached(tuple(context_spec(c) for c in contexts), 0, self.repack is not False)
+            failure = self._cached(tuple(context_spec(c) for c in contexts), 0, self._trial_repack)
         except _Unfinished as unfinished:
             raise LlamaError(str(unfinished)) from None
         if failure is not None:
