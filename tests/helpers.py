@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Iterable, Union
 
@@ -48,3 +49,22 @@ def greedy_reference(model, prompt: str = PROMPT, n_tokens: int = 150, *, n_ctx:
             reference.margins.append(float(top2[1] - top2[0]))
             ctx.decode([reference.tokens[-1]])
     return reference
+
+
+def run_threads(target, n: int) -> list:
+    """Run target(i) for i in range(n) on n threads; the exceptions they raised (none hung)."""
+    errors = []
+
+    def wrapped(i):
+        try:
+            target(i)
+        except BaseException as exc:  # noqa: BLE001 - returned to the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=wrapped, args=(i,)) for i in range(n)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not any(thread.is_alive() for thread in threads), "a thread hung (deadlock?)"
+    return errors

@@ -9,7 +9,7 @@ import threading
 import numpy as np
 import pytest
 
-from helpers import EXACT, plain_greedy
+from helpers import EXACT, plain_greedy, run_threads
 from pyllama_mtp import ClosedError, Model, Sampler, SpeculativeDecoder
 
 
@@ -123,24 +123,6 @@ def test_a_failed_constructor_frees_its_native_handle(model_path, monkeypatch):
 
 
 # -- threads ------------------------------------------------------------------------
-
-def run_threads(target, n):
-    errors = []
-
-    def wrapped(i):
-        try:
-            target(i)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=wrapped, args=(i,)) for i in range(n)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=300)
-    assert not any(thread.is_alive() for thread in threads), "a thread hung (deadlock?)"
-    return errors
-
 
 def test_a_shared_sampler_across_threads(model_path, backend_name):
     """One Sampler used by four threads, each on its own context: greedy results equal the

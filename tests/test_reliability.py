@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pytest
 
-from helpers import EXACT, plain_greedy
+from helpers import EXACT, plain_greedy, run_threads
 from pyllama_mtp import AbortedError, DecodeTimeoutError, InvalidArgumentError, Model, SpeculativeDecoder
 
 PROMPTS = ["The quick brown fox", "Once upon a time", "import numpy as np", "Dear sir or madam,"]
@@ -36,23 +36,6 @@ def threads_supported(backend_name):
                     "malformed response') with contexts used from several threads, even serialised")
 
 
-def run_threads(target, n):
-    errors = []
-
-    def wrapped(i):
-        try:
-            target(i)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=wrapped, args=(i,)) for i in range(n)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=120)
-    assert not errors, errors
-
-
 def test_threads_with_their_own_contexts_on_one_model(model, threads_supported):
     expected = [solo(model, p) for p in PROMPTS]
     results = [None] * len(PROMPTS)
@@ -60,7 +43,7 @@ def test_threads_with_their_own_contexts_on_one_model(model, threads_supported):
     def work(i):
         results[i] = solo(model, PROMPTS[i])
 
-    run_threads(work, len(PROMPTS))
+    assert run_threads(work, len(PROMPTS)) == []
     assert results == expected
 
 
@@ -71,7 +54,7 @@ def test_one_context_shared_by_threads_is_serialised(model, threads_supported):
         def work(i):
             results[i] = list(shared.generate(PROMPTS[i], max_tokens=80, seq_id=i, stop_at_eog=False))
 
-        run_threads(work, len(PROMPTS))
+        assert run_threads(work, len(PROMPTS)) == []
     assert results == expected
 
 
@@ -83,7 +66,7 @@ def test_threads_with_their_own_speculative_decoders(model, threads_supported):
         with SpeculativeDecoder.create(model, n_ctx=512, n_draft=3, n_threads=1, flash_attn=False) as dec:
             results[i] = list(dec.generate(PROMPTS[i], max_tokens=80, stop_at_eog=False))
 
-    run_threads(work, 2)
+    assert run_threads(work, 2) == []
     assert results == expected
 
 
