@@ -32,6 +32,10 @@
 #include <thread>
 #include <vector>
 
+#if !defined(_WIN32)
+#include <sys/resource.h>
+#endif
+
 namespace {
 
 constexpr int exit_load_failed = 10;
@@ -195,6 +199,11 @@ int main(int argc, char ** argv) {
             return 64;
         }
     }
+#if !defined(_WIN32)
+    // A death here is expected and reported by the caller: no core file in its directory.
+    const rlimit no_core = {0, 0};
+    setrlimit(RLIMIT_CORE, &no_core);
+#endif
     // ggml would otherwise attach a debugger to print a backtrace before it aborts.
     set_env("GGML_NO_BACKTRACE", "1");
     // Everything here runs on the CPU: spare the GPU backends their device set-up.

@@ -38,7 +38,8 @@ def test_an_abort_inside_llama_cpp_is_a_model_load_error(aborting_file):
     with pytest.raises(ModelLoadError, match="SIGABRT.*binary_op: unsupported types"):
         Model.load(aborting_file)
     # What it protects from: the same file without it ends the process.
-    script = ("import sys; from pyllama_mtp import Model\n"
+    script = ("import resource, sys; from pyllama_mtp import Model\n"
+              "resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # an expected death: no core file\n"
               "with Model.load(sys.argv[1], preflight=False) as m, m.context(n_ctx=64) as c: c.decode([1, 2])")
     child = subprocess.run([sys.executable, "-c", script, str(aborting_file)], capture_output=True,
                            env={**os.environ, "GGML_NO_BACKTRACE": "1"})
@@ -93,7 +94,8 @@ def test_a_file_moved_after_loading_still_takes_new_contexts(fresh_copy, childre
 
 def fake_helper(tmp_path, body):
     script = tmp_path / "fake-preflight"
-    script.write_text("#!/bin/sh\n" + body + "\n")
+    # ulimit: its deaths are staged, like the real helper's, so no core file either.
+    script.write_text("#!/bin/sh\nulimit -c 0\n" + body + "\n")
     script.chmod(0o755)
     return script
 
