@@ -113,9 +113,12 @@ def test_gil_is_released_during_decoding(wide_model):
 @pytest.fixture(scope="module")
 def interrupt_shape(backend_name):
     """(fixture size, tokens, n_ubatch) for a decode of about a second or more here:
-    software Vulkan (llvmpipe) is ~500x slower than the CPU backend on these models."""
+    software Vulkan (llvmpipe) is ~500x slower than the CPU backend on these models, a GPU
+    far faster (more, smaller ubatches of a wider model, so a quarter of it is still many)."""
     if backend_name == "vulkan":
         return {}, 256, 32
+    if backend_name == "cuda":
+        return dict(n_embd=1024, n_layer=8), 4096, 16
     return dict(n_embd=512, n_layer=4), 2048, 64
 
 
