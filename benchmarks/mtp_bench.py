@@ -1,11 +1,16 @@
 """MTP benchmark: our decoder vs plain decoding vs llama.cpp's native loops, one run.
 
-    python benchmarks/mtp_bench.py [--quick] [--threads 2] [--ftype q8_0] [--device CPU]
+    python benchmarks/mtp_bench.py [--quick] [--size 400m] [--threads 2] [--ftype q8_0[,f32,...]]
+                                   [--device CPU] [--drafts 1,2,3,4]
 
 Every method runs on the same model, build and thread count, with repetitions
-interleaved (A B A B ...) so drift of the machine hits all methods alike. Writes
-``benchmarks/results/latest.{json,md,png}`` and prints each target ratio, met or not.
-It never fails on a missed target: speed is reported, not asserted.
+interleaved (A B A B ...) so drift of the machine hits all methods alike. Decode rates
+exclude prompt evaluation on both sides (ours: after the first token, see
+benchmarks/measure.py; llama.cpp's: its eval / decode timers, which start after the
+prompt). A ratio is the median of per-repetition ratios, with its spread. Writes
+``benchmarks/results/latest.{json,md,png}`` (one JSON and one table for all the
+ftypes) and prints each target ratio, met or not. It never fails on a missed target:
+speed is reported, not asserted.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ import subprocess
 import sys
 import time
 
-from pyllama_mtp import Model, SpeculativeDecoder, __version__, fixtures, quantize, system_info
+from pyllama_mtp import Model, __version__, fixtures, quantize, system_info
+
+import measure
 
 HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -29,8 +36,9 @@ PROMPT = "The quick brown fox jumps over the lazy dog. " * 4
 NATIVE_SPEED = re.compile(rb"decoded\s+(\d+) tokens in\s+([\d.]+) seconds, speed:\s+([\d.]+) t/s")
 NATIVE_EVAL = re.compile(rb"\s eval time =\s+([\d.]+) ms /\s+(\d+) runs")
 
-# Sizes: --quick uses the demo model (134 M parameters); the full run a 400 M one.
-FULL_MODEL = dict(arch="qwen35", n_embd=1536, n_layer=16, head_dim=64, seed=0)
+# Sizes: --quick uses the demo model (134 M parameters); the full run a 400 M one; a GPU
+# run (tools/gpu_check.sh) a 1.3 B one, large enough to be memory-bound there.
+SIZES = {"400m": dict(n_embd=1536, n_layer=16), "1b": dict(n_embd=2048, n_layer=32)}
 
 
 def log(*args) -> None:
@@ -50,64 +58,23 @@ def benchmark_model(args) -> pathlib.Path:
         return pathlib.Path(args.model)
     cache = fixtures.default_cache_dir()
     source = fixtures.make_demo_model() if args.quick else fixtures.make_model(
-        **FULL_MODEL, eps=fixtures.DEMO_EPS_TABLE[4][0] * 1.06)
+        "qwen35", **SIZES[args.size], head_dim=64, seed=0, eps=fixtures.DEMO_EPS_TABLE[4][0] * 1.06)
     if args.ftype == "f32":
         return source
     target = cache / f"{source.stem}-{args.ftype}.gguf"
     if not target.exists():
         log(f"quantizing {source.name} to {args.ftype} with llama.cpp's quantizer ...")
         partial = target.with_suffix(".part")
-        quantize(source, partial, args.ftype, n_threads=args.threads)
+        quantize(source, partial, args.ftype, n_threads=os.cpu_count() or args.threads)
         partial.replace(target)
     return target
 
 
-# -- one measurement each --------------------------------------------------------------
+# -- one measurement each (ours through benchmarks/measure.py) ----------------------------
 
-def ours_plain(model, args) -> dict:
-    with model.context(n_ctx=2048, n_threads=args.threads) as ctx:
-        prompt = model.tokenize(PROMPT)
-        start = time.perf_counter()
-        ctx.decode(prompt)
-        prompt_s = time.perf_counter() - start
-        tokens, first = [], None
-        for token in _plain_stream(ctx, args.n_tokens):
-            first = first or time.perf_counter()
-            tokens.append(token)
-        decode_s = time.perf_counter() - first
-    return {"tps": (len(tokens) - 1) / decode_s, "pp_tps": len(prompt) / prompt_s, "tokens": tokens}
-
-
-def _plain_stream(ctx, n_tokens):
-    """Greedy continuation of what the context holds (prompt already decoded)."""
-    import numpy as np
-
-    for _ in range(n_tokens):
-        token = int(np.argmax(ctx.logits()))
-        yield token
-        ctx.decode([token])
-
-
-def ours_mtp(model, args, n_draft) -> dict:
-    with SpeculativeDecoder.create(model, n_ctx=2048, n_draft=n_draft, n_threads=args.threads) as dec:
-        prompt = model.tokenize(PROMPT)
-        start = time.perf_counter()
-        dec.prefill(prompt)
-        prompt_s = time.perf_counter() - start
-        dec.reset_stats()
-        tokens = []
-        start = time.perf_counter()
-        while len(tokens) < args.n_tokens:
-            tokens += dec.step()[0]
-        wall = time.perf_counter() - start
-        stats = dec.stats
-    return {
-        "tps": len(tokens) / wall, "pp_tps": len(prompt) / prompt_s, "tokens": tokens[: args.n_tokens],
-        "acceptance": stats.acceptance, "acceptance_at": stats.acceptance_at,
-        "mean_accepted_length": stats.mean_accepted_length,
-        "python_us_per_step": 1e6 * stats.python_s / max(1, stats.steps),
-        "python_fraction": stats.python_s / stats.wall_s if stats.wall_s else 0.0,
-    }
+def _gpu_args(args) -> list[str]:
+    """The native tools offload every layer where ours does (llama.cpp's default offload)."""
+    return [] if args.device.upper() == "CPU" else ["-ngl", "999"]
 
 
 def native_plain(path, args) -> dict | None:
@@ -115,7 +82,7 @@ def native_plain(path, args) -> dict | None:
     if tool is None:
         return None
     out = subprocess.run([str(tool), "-m", str(path), "-p", PROMPT, "-n", str(args.n_tokens), "--temp", "0",
-                          "-t", str(args.threads), "-c", "2048", "-no-cnv", "--no-warmup"],
+                          "-t", str(args.threads), "-c", "2048", "-no-cnv", "--no-warmup", *_gpu_args(args)],
                          capture_output=True, timeout=600)
     found = NATIVE_EVAL.search(out.stderr)
     if not found:
@@ -131,7 +98,8 @@ def native_mtp(path, args, n_draft) -> dict | None:
         return None
     out = subprocess.run([str(tool), "-m", str(path), "--spec-type", "draft-mtp", "--spec-draft-n-max",
                           str(n_draft), "-p", PROMPT, "-n", str(args.n_tokens), "--temp", "0",
-                          "-t", str(args.threads), "-c", "2048"], capture_output=True, timeout=600)
+                          "-t", str(args.threads), "-c", "2048", *_gpu_args(args)],
+                         capture_output=True, timeout=600)
     found = NATIVE_SPEED.search(out.stderr) or NATIVE_SPEED.search(out.stdout)
     if not found:
         log("llama-speculative-simple printed no timing:", out.stderr[-500:].decode(errors="replace"))
@@ -160,44 +128,52 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 # -- the run ---------------------------------------------------------------------------
 
 def run(args) -> dict:
+    """One ftype: every method, interleaved; medians and per-repetition ratios."""
     path = benchmark_model(args)
-    drafts = [1, 2, 3, 4]
-    methods = ["ours_plain", "native_plain"] + [f"ours_mtp_{n}" for n in drafts] + [f"native_mtp_{n}" for n in drafts]
-    samples: dict[str, list[dict]] = {m: [] for m in methods}
+    drafts = args.drafts
     with Model.load(path) as model:
         log(f"model: {path.name}, {model.n_params / 1e6:.0f} M parameters, {model.size / 2**20:.0f} MiB")
-        for rep in range(args.repeats):
-            for method in methods:
-                if method == "ours_plain":
-                    result = ours_plain(model, args)
-                elif method == "native_plain":
-                    result = native_plain(path, args)
-                elif method.startswith("ours_mtp_"):
-                    result = ours_mtp(model, args, int(method.rsplit("_", 1)[1]))
-                else:
-                    result = native_mtp(path, args, int(method.rsplit("_", 1)[1]))
-                if result is not None:
-                    samples[method].append(result)
-                    log(f"rep {rep + 1}/{args.repeats} {method:>14}: {result['tps']:7.1f} tokens/s")
+        prompt = model.tokenize(PROMPT)
+        methods = {"ours_plain": lambda: measure.plain(model, prompt, args.n_tokens, threads=args.threads),
+                   "native_plain": lambda: native_plain(path, args)}
+        for n in drafts:
+            methods[f"ours_mtp_{n}"] = lambda n=n: measure.speculative(model, prompt, args.n_tokens,
+                                                                       threads=args.threads, n_draft=n)
+            methods[f"native_mtp_{n}"] = lambda n=n: native_mtp(path, args, n)
+        # A native tool that printed no timing gives nan: its ratios drop that repetition.
+        nan = {"tps": float("nan")}
+        samples = measure.interleaved({name: (lambda f=f: f() or nan) for name, f in methods.items()},
+                                      args.repeats, log)
         params, size = model.n_params, model.size
-    lossless = all(s["tokens"] == samples["ours_plain"][0]["tokens"]
-                   for n in drafts for s in samples[f"ours_mtp_{n}"])
-    summary = {m: {"tps": statistics.median(s["tps"] for s in v), "n": len(v)} for m, v in samples.items() if v}
+    reference = samples["ours_plain"][0]["tokens"]
+    lossless = all(s["tokens"] == reference for n in drafts for s in samples[f"ours_mtp_{n}"])
+    rates = {m: [s["tps"] for s in runs] for m, runs in samples.items()}
+    summary = {m: {"tps": statistics.median(v), "n": len(v)} for m, v in rates.items()
+               if not all(x != x for x in v)}
     for n in drafts:
         runs = samples[f"ours_mtp_{n}"]
-        for key in ("acceptance", "mean_accepted_length", "python_us_per_step", "python_fraction", "pp_tps"):
+        for key in ("acceptance", "mean_accepted_length", "python_us_per_step", "python_fraction", "ttft_s"):
             summary[f"ours_mtp_{n}"][key] = statistics.median(r[key] for r in runs)
         summary[f"ours_mtp_{n}"]["acceptance_at"] = runs[-1]["acceptance_at"]
-    summary["ours_plain"]["pp_tps"] = statistics.median(r["pp_tps"] for r in samples["ours_plain"])
-    memory = {"plain": peak_memory(path, args, False), "mtp": peak_memory(path, args, True)}
+    summary["ours_plain"]["ttft_s"] = statistics.median(r["ttft_s"] for r in samples["ours_plain"])
+    ratios = {}
+    for n in drafts:
+        ratios[f"ours_mtp_{n} / native_mtp_{n}"] = _pairs(rates[f"ours_mtp_{n}"], rates[f"native_mtp_{n}"])
+        ratios[f"ours_mtp_{n} / ours_plain"] = _pairs(rates[f"ours_mtp_{n}"], rates["ours_plain"])
+        ratios[f"ttft ours_mtp_{n} / ours_plain"] = _pairs([r["ttft_s"] for r in samples[f"ours_mtp_{n}"]],
+                                                           [r["ttft_s"] for r in samples["ours_plain"]])
+    ratios["ours_plain / native_plain"] = _pairs(rates["ours_plain"], rates["native_plain"])
+    memory = {"plain": peak_memory(path, args, False), "mtp": peak_memory(path, args, True)} if args.memory else {}
     return {
         "model": {"path": path.name, "n_params": params, "size": size, "ftype": args.ftype},
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
-        "threads": args.threads, "tokens": args.n_tokens, "repeats": args.repeats,
-        "backend": args.device, "version": __version__,
-        "llama_cpp_commit": system_info()["llama_cpp_commit"], "commit": _git_commit(),
-        "lossless": lossless, "summary": summary, "peak_rss": memory,
+        "lossless": lossless, "summary": summary, "ratios": ratios, "peak_rss": memory,
     }
+
+
+def _pairs(numerator, denominator):
+    """Median (lowest, highest) of the repetitions where both sides measured; None if none."""
+    pairs = [(a, b) for a, b in zip(numerator, denominator) if a == a and b == b]
+    return measure.ratio(*zip(*pairs)) if pairs else None
 
 
 def _git_commit() -> str:
@@ -208,46 +184,57 @@ def _git_commit() -> str:
         return "unknown"
 
 
-def targets(result: dict) -> list[tuple[str, float, float, bool]]:
-    s = result["summary"]
+def targets(result: dict) -> list[tuple[str, tuple, float, bool]]:
+    """(name, (median, lowest, highest), goal, met) for one ftype's run."""
+    s, r = result["summary"], result["ratios"]
+    drafts = sorted(int(m.rsplit("_", 1)[1]) for m in s if m.startswith("ours_mtp_"))
     rows = []
-    for n in (1, 2, 3, 4):
-        if f"native_mtp_{n}" in s:
-            ratio = s[f"ours_mtp_{n}"]["tps"] / s[f"native_mtp_{n}"]["tps"]
-            rows.append((f"our MTP / native MTP, n_draft {n}", ratio, 0.98, ratio >= 0.98))
-    if "native_plain" in s:
-        ratio = s["ours_plain"]["tps"] / s["native_plain"]["tps"]
-        rows.append(("our plain / native plain", ratio, 0.98, ratio >= 0.98))
-    best = max((1, 2, 3, 4), key=lambda n: s[f"ours_mtp_{n}"]["tps"])
-    ratio = s[f"ours_mtp_{best}"]["tps"] / s["ours_plain"]["tps"]
-    rows.append((f"best MTP (n_draft {best}) / plain", ratio, 1.6, ratio >= 1.6))
-    ratio = s[f"ours_mtp_{best}"]["pp_tps"] / s["ours_plain"]["pp_tps"]
-    rows.append(("prompt processing with MTP / without", ratio, 0.95, ratio >= 0.95))
+    for n in drafts:
+        if r[f"ours_mtp_{n} / native_mtp_{n}"]:
+            value = r[f"ours_mtp_{n} / native_mtp_{n}"]
+            rows.append((f"our MTP / native MTP, n_draft {n}", value, 0.98, value[0] >= 0.98))
+    if r["ours_plain / native_plain"]:
+        value = r["ours_plain / native_plain"]
+        rows.append(("our plain / native plain", value, 0.98, value[0] >= 0.98))
+    best = max(drafts, key=lambda n: s[f"ours_mtp_{n}"]["tps"])
+    value = r[f"ours_mtp_{best} / ours_plain"]
+    rows.append((f"best MTP (n_draft {best}) / plain", value, 1.6, value[0] >= 1.6))
+    value = r[f"ttft ours_mtp_{best} / ours_plain"]
+    rows.append((f"time to first token, MTP n_draft {best} / plain (lower is better)", value, 1.05,
+                 value[0] <= 1.05))
     fraction = s[f"ours_mtp_{best}"]["python_fraction"]
-    rows.append(("Python share of decode wall time", fraction, 0.02, fraction < 0.02))
+    rows.append(("Python share of the decoder's wall time", (fraction,) * 3, 0.02, fraction < 0.02))
     return rows
 
 
 def write_outputs(result: dict, out_dir: pathlib.Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "latest.json").write_text(json.dumps(result, indent=1))
-    s = result["summary"]
-    lines = [f"# MTP benchmark ({result['model']['path']}, {result['model']['n_params'] / 1e6:.0f} M params, "
-             f"{result['model']['ftype']}, {result['threads']} threads, {result['backend']}, commit {result['commit']})",
-             "", "| method | tokens/s | acceptance | mean accepted length | Python µs/step |",
-             "|---|---|---|---|---|"]
-    for method, row in s.items():
-        lines.append(f"| {method} | {row['tps']:.1f} | {row.get('acceptance', float('nan')):.1%} | "
-                     f"{row.get('mean_accepted_length', float('nan')):.2f} | "
-                     f"{row.get('python_us_per_step', float('nan')):.0f} |")
-    lines += ["", "| target | measured | goal | met |", "|---|---|---|---|"]
-    for name, value, goal, met in targets(result):
-        lines.append(f"| {name} | {value:.3f} | {goal} | {'yes' if met else 'no'} |")
-    mib = 1 / 2**20
-    lines += ["", f"Peak RSS: plain {result['peak_rss']['plain'] * mib:.0f} MiB, "
-              f"MTP {result['peak_rss']['mtp'] * mib:.0f} MiB. Greedy MTP output identical to plain: "
-              f"{result['lossless']}."]
+    lines = [f"# MTP benchmark ({result['threads']} threads, {result['backend']}, {result['tokens']} tokens, "
+             f"{result['repeats']} interleaved repetitions, commit {result['commit']})", "",
+             "Decode tokens/s exclude prompt evaluation on both sides; a ratio is the median of "
+             "per-repetition ratios (lowest-highest).", ""]
+    for run_ in result["runs"]:
+        s, model = run_["summary"], run_["model"]
+        lines += [f"## {model['path']} ({model['n_params'] / 1e6:.0f} M params, {model['ftype']})", "",
+                  "| method | tokens/s | acceptance | mean accepted length | Python µs/step |",
+                  "|---|---|---|---|---|"]
+        for method, row in s.items():
+            lines.append(f"| {method} | {row['tps']:.1f} | {row.get('acceptance', float('nan')):.1%} | "
+                         f"{row.get('mean_accepted_length', float('nan')):.2f} | "
+                         f"{row.get('python_us_per_step', float('nan')):.0f} |")
+        lines += ["", "| target | measured | goal | met |", "|---|---|---|---|"]
+        for name, value, goal, met in targets(run_):
+            lines.append(f"| {name} | {measure.spread(value, 3)} | {goal} | {'yes' if met else 'no'} |")
+        mib = 1 / 2**20
+        memory = run_["peak_rss"]
+        lines += ["", (f"Peak RSS: plain {memory['plain'] * mib:.0f} MiB, MTP {memory['mtp'] * mib:.0f} MiB. "
+                       if memory else "") + f"Greedy MTP output identical to plain: {run_['lossless']}.", ""]
     (out_dir / "latest.md").write_text("\n".join(lines) + "\n")
+    _plot(result["runs"][0], result, out_dir)
+
+
+def _plot(run_: dict, result: dict, out_dir: pathlib.Path) -> None:
     try:
         import matplotlib
 
@@ -256,7 +243,8 @@ def write_outputs(result: dict, out_dir: pathlib.Path) -> None:
     except ImportError:
         log("matplotlib is not installed: no plot (pip install matplotlib)")
         return
-    drafts = [1, 2, 3, 4]
+    s = run_["summary"]
+    drafts = sorted(int(m.rsplit("_", 1)[1]) for m in s if m.startswith("ours_mtp_"))
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(drafts, [s[f"ours_mtp_{n}"]["tps"] for n in drafts], "o-", label="pyllama_mtp MTP")
     if all(f"native_mtp_{n}" in s for n in drafts):
@@ -267,7 +255,7 @@ def write_outputs(result: dict, out_dir: pathlib.Path) -> None:
     ax.set_xlabel("n_draft")
     ax.set_ylabel("decode tokens/s")
     ax.set_xticks(drafts)
-    ax.set_title(f"{result['model']['n_params'] / 1e6:.0f} M qwen35, {result['model']['ftype']}, "
+    ax.set_title(f"{run_['model']['n_params'] / 1e6:.0f} M qwen35, {run_['model']['ftype']}, "
                  f"{result['threads']} threads")
     ax.legend()
     fig.tight_layout()
@@ -277,18 +265,39 @@ def write_outputs(result: dict, out_dir: pathlib.Path) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="mtp_bench.py", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="demo-size model, fewer tokens (< 3 minutes)")
+    parser.add_argument("--size", choices=sorted(SIZES), default="400m", help="generated model size")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--ftype", default="q8_0", help="quantization of the benchmark model (default q8_0)")
+    parser.add_argument("--ftype", default="q8_0", help="quantizations of the benchmark model, comma-separated")
     parser.add_argument("--model", help="benchmark this GGUF instead of the generated one")
     parser.add_argument("--device", default="CPU", help="backend the figures are recorded for")
+    parser.add_argument("--drafts", default="1,2,3,4", help="n_draft values, comma-separated")
     parser.add_argument("--tokens", dest="n_tokens", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak RSS runs")
+    parser.add_argument("--plan", action="store_true", help="print what would run and exit")
     parser.add_argument("--out", type=pathlib.Path, default=HERE / "results")
     args = parser.parse_args(argv)
     args.n_tokens = args.n_tokens or (64 if args.quick else 128)
     args.repeats = args.repeats or (2 if args.quick else 3)
+    args.drafts = [int(n) for n in args.drafts.split(",")]
+    ftypes = args.ftype.split(",")
+    if args.plan:
+        size = "demo" if args.quick else args.size
+        print(f"bench plan: {args.model or size} model as {', '.join(ftypes)}; n_draft {args.drafts}; "
+              f"{args.n_tokens} tokens x {args.repeats} repetitions; native tools: "
+              f"{native_tool('llama-completion') or 'not built'}")
+        return 0
     start = time.perf_counter()
-    result = run(args)
+    result = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
+        "threads": args.threads, "tokens": args.n_tokens, "repeats": args.repeats, "backend": args.device,
+        "version": __version__, "llama_cpp_commit": system_info()["llama_cpp_commit"], "commit": _git_commit(),
+        "runs": [],
+    }
+    for ftype in ftypes:
+        args.ftype = ftype
+        log(f"== {ftype}")
+        result["runs"].append(run(args))
     result["wall_s"] = time.perf_counter() - start
     write_outputs(result, args.out)
     print((args.out / "latest.md").read_text())
