@@ -233,6 +233,11 @@ typedef struct pmtp_lookup_params {
     int32_t max_tokens;
 } pmtp_lookup_params;
 PMTP_API int32_t pmtp_spec_set_lookup(pmtp_spec * spec, const pmtp_lookup_params * params);
+/* From now on the drafter's catch-up on sequence seq skips positions below pos (-1, the
+ * default: skips none); its memory then restarts at the first position it does see. Set
+ * before a long prefill to bound the MTP layer's work to the prompt's last tokens (drafts
+ * attend to those only), and back to -1 after. Output is unchanged (drafts are verified). */
+PMTP_API int32_t pmtp_spec_set_catch_up_from(pmtp_spec * spec, llama_seq_id seq, llama_pos pos);
 /* n_draft_max after limits of the model (chained heads cap it at their count). */
 PMTP_API int32_t     pmtp_spec_n_draft_max(const pmtp_spec * spec);
 

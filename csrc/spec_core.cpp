@@ -87,6 +87,11 @@ int32_t catch_up(pmtp_spec & s, const std::vector<llama_seq_id> & seq_of, const 
                 s.seqs[seq].drafter_gap = true;
                 continue;
             }
+            if (pos[k] < s.seqs[seq].catch_up_from) {  // see pmtp_spec_set_catch_up_from
+                from[seq] = pos[k] + 1;
+                s.seqs[seq].drafter_gap = true;
+                continue;
+            }
             resume_drafter(s, seq);
             const float * row = k == beg[seq] ? s.seqs[seq].pending_h.data() : h_tgt + (size_t) (k - 1) * n_embd;
             const int32_t idx = add_entry(batch.batch, seq, tok[k], pos[k], false, row, n_embd);

@@ -31,6 +31,7 @@ struct pmtp_seq {
     std::vector<llama_token> history;  // every token of the sequence, id_last included
     bool draft_from_lookup = false;    // the current draft came from n-gram lookup
     bool drafter_gap = false;          // the drafter skipped positions (PMTP_DRAFT_REST)
+    llama_pos catch_up_from = -1;      // the drafter's catch-up skips positions below this
     pmtp_sampler * sampler = nullptr;  // the sequence's sampler (owned by the caller);
                                        // null: greedy, unconstrained (argmax rows)
 

@@ -183,6 +183,14 @@ int32_t pmtp_spec_set_lookup(pmtp_spec * s, const pmtp_lookup_params * params) {
     return PMTP_OK;
 }
 
+int32_t pmtp_spec_set_catch_up_from(pmtp_spec * s, llama_seq_id seq, llama_pos pos) {
+    if (!valid_seq(s, seq) || pos < -1) {
+        return PMTP_ERR_ARGUMENT;
+    }
+    s->seqs[seq].catch_up_from = pos;
+    return PMTP_OK;
+}
+
 int32_t pmtp_spec_truncate(pmtp_spec * s, llama_seq_id seq, int32_t n_keep) {
     if (!valid_seq(s, seq) || !s->seqs[seq].active || n_keep < 2 || n_keep > s->seqs[seq].n_past) {
         return PMTP_ERR_ARGUMENT;

@@ -286,3 +286,31 @@ def test_adaptive_policies_are_per_sequence(model, backend_name):
         assert decoder.policies[0].steps == decoder.policies[1].steps + 10
         assert decoder.adaptive is decoder.policies[0]
     assert [out[:150] for out in outputs] == expected
+
+
+def test_bounded_catch_up_skips_the_prompts_start_and_is_lossless(model):
+    """catch_up=N: the drafter's memory holds the prompt's last N positions only (its
+    catch-up ran over those), across the ubatch-sized calls of a recurrent target's
+    prefill; output stays the target's own."""
+    prompt = (model.tokenize(PROMPTS[1]) * 40)[:300]
+    expected = plain_greedy(model, prompt, 60, n_ctx=1024)
+    settings = dict(n_ctx=1024, n_batch=64, n_draft=3, **CTX)
+    with SpeculativeDecoder.create(model, **settings) as whole, \
+            SpeculativeDecoder.create(model, catch_up=16, **settings) as bounded:
+        whole.prefill(prompt)
+        bounded.prefill(prompt)
+        # The last prompt token is pending: positions 0..298 were evaluated.
+        assert (whole.draft_context.pos_min(0), whole.draft_context.pos_max(0)) == (0, 298)
+        assert (bounded.draft_context.pos_min(0), bounded.draft_context.pos_max(0)) == (299 - 16, 298)
+        produced = []
+        while len(produced) < 60:
+            produced += bounded.step()[0]
+        assert produced[:60] == expected
+        assert bounded.stats.accepted > 0
+        # A continuation prefill with the window: the drafter restarts at its window again.
+        bounded.prefill(prompt[:40])
+        pending_at = bounded.target.pos_max(0) + 1
+        assert (bounded.draft_context.pos_min(0), bounded.draft_context.pos_max(0)) == (pending_at - 16,
+                                                                                        pending_at - 1)
+    with pytest.raises(InvalidArgumentError, match="catch_up"):
+        SpeculativeDecoder.create(model, catch_up=0, **settings)

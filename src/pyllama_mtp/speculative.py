@@ -17,7 +17,7 @@ import numpy as np
 from . import _lowlevel
 from ._resource import Resource, native_handle
 from .adaptive import AdaptiveDraft, StepCost, plan_drafts
-from .context import Context, time_limit
+from .context import Context, snapshot_bytes, time_limit
 from .errors import ContextFullError, InvalidArgumentError
 from .generation import Sampler
 from .grammar import GrammarLike
@@ -44,10 +44,15 @@ class SpeculativeDecoder(Resource):
             (:mod:`pyllama_mtp.adaptive`).
         max_draft: the longest draft the decoder holds (default ``n_draft``); n-gram
             lookup drafts (:meth:`set_lookup`) and :meth:`set_draft` may use up to it.
+        catch_up: the drafter's catch-up over a prompt (one MTP-layer row per token)
+            covers its last ``catch_up`` tokens only (None: all of them). Bounds what a
+            long prompt costs beyond the target's prefill; drafts then attend to those
+            tokens only (benchmarks/ttft_bench.py measures both sides).
     """
 
     def __init__(self, target: Context, draft: Context, *, n_draft: int = 3, p_min: float = 0.0,
-                 adaptive: bool = False, max_draft: Optional[int] = None) -> None:
+                 adaptive: bool = False, max_draft: Optional[int] = None,
+                 catch_up: Optional[int] = None) -> None:
         if not draft.is_mtp:
             raise InvalidArgumentError("draft must be an MTP context: use model.mtp_context(target)")
         if draft.model is not target.model:
@@ -62,6 +67,9 @@ class SpeculativeDecoder(Resource):
             raise InvalidArgumentError(f"max_draft must be an int in [n_draft, {capacity}], got {max_draft!r}")
         if not 0.0 <= p_min < 1.0:
             raise InvalidArgumentError(f"p_min must be in [0, 1), got {p_min!r}")
+        if catch_up is not None and (not isinstance(catch_up, int) or catch_up < 1):
+            raise InvalidArgumentError(f"catch_up must be None or an int >= 1, got {catch_up!r}")
+        self.catch_up = catch_up
         model = target.model
         if (model.is_hybrid or model.is_recurrent) and target.n_rs_seq < max_draft + 1:
             raise InvalidArgumentError(
@@ -84,6 +92,7 @@ class SpeculativeDecoder(Resource):
             if adaptive else []
         self._cost = StepCost()  # shared: the verify batch is
         self._last_drafted = [0] * target.n_seq_max
+        self._prefilled = [False] * target.n_seq_max  # see step()
         self._wall_s = 0.0
         self._owned: list[Context] = []
         # Each sequence's native sampler (None: greedy, unconstrained), owned here.
@@ -96,7 +105,8 @@ class SpeculativeDecoder(Resource):
                flash_attn: Optional[bool] = None, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, min_p: float = 0.0, seed: int = 0,
                exact_match: bool = False, adaptive: bool = False, lookup_ngram: int = 0,
-               lookup_min: int = 2, lookup_max: int = 8, grammar: GrammarLike = None) -> "SpeculativeDecoder":
+               lookup_min: int = 2, lookup_max: int = 8, grammar: GrammarLike = None,
+               catch_up: Optional[int] = None) -> "SpeculativeDecoder":
         """Make both contexts with the right settings and a decoder that owns them.
 
         Sampling arguments: see :meth:`set_sampling` (default: greedy). ``lookup_ngram``
@@ -115,7 +125,8 @@ class SpeculativeDecoder(Resource):
             target.close()
             raise
         try:
-            decoder = cls(target, draft, n_draft=n_draft, p_min=p_min, adaptive=adaptive, max_draft=max_draft)
+            decoder = cls(target, draft, n_draft=n_draft, p_min=p_min, adaptive=adaptive, max_draft=max_draft,
+                          catch_up=catch_up)
         except BaseException:
             draft.close()
             target.close()
@@ -236,12 +247,21 @@ class SpeculativeDecoder(Resource):
         # A recurrent target stops only between calls: feed a long prompt in ubatch-sized
         # calls so cancel, timeouts and Ctrl-C act between them.
         chunk = self._target.n_ubatch if native_handle(self._target).between_calls_only else len(array)
+        if self.catch_up is not None:
+            # The last token stays pending (the next step evaluates it): the drafter sees
+            # the catch_up positions before it.
+            active, _, n_past = self._native.seq_state(seq_id)
+            end = n_past + len(array) if active else self._target.pos_max(seq_id) + len(array)
+            self._native.set_catch_up_from(seq_id, end - self.catch_up)
         start = time.perf_counter()
         try:
             for begin in range(0, len(array), chunk):
                 self._native.prefill(seq_id, np.ascontiguousarray(array[begin:begin + chunk], dtype=np.int32))
         finally:
             self._wall_s += time.perf_counter() - start
+            if self.catch_up is not None:
+                self._native.set_catch_up_from(seq_id, -1)
+        self._prefilled[seq_id] = True
 
     def step(self, n_draft: Union[None, int, Sequence[Optional[int]]] = None) -> list[list[int]]:
         """One speculative step on every active sequence: the tokens each one produced.
@@ -250,6 +270,8 @@ class SpeculativeDecoder(Resource):
         one token per active sequence). ``n_draft``: None drafts the decoder's length (or
         the adaptive plan); an int, that length for every sequence; a list, each
         sequence's length, None entries planned (a server's per-request setting).
+        A sequence's first step after a prefill drafts nothing unless given a length: its
+        first token then comes as fast as plain decoding's (time to first token).
         :attr:`last_drafted` says what each sequence drafted.
         """
         n_max = self._native.n_draft_max
@@ -261,6 +283,8 @@ class SpeculativeDecoder(Resource):
         # Planning, the C step and the bookkeeping are one step under the decoder's lock
         # (the first in the one lock order): threads sharing a decoder take whole steps.
         with self._native.lock:
+            fixed = [0 if n is None and first else n for n, first in zip(fixed, self._prefilled)]
+            self._prefilled = [False] * self.n_seq
             policies = self._policies if any(n is None for n in fixed) else []
             if policies:
                 active = [self._native.seq_state(seq)[0] for seq in range(self.n_seq)]
@@ -453,22 +477,12 @@ class SpeculativeDecoder(Resource):
         """What MTP costs in memory here: MTP weights, the draft context, and the
         recurrent-state snapshots that rollback needs in the target context."""
         model = self._target.model
-        snapshots = 0
-        if self._target.n_rs_seq > 0:
-            # Measured, not modelled: two throwaway target-like contexts, KV kept minimal,
-            # that differ only in their snapshot count.
-            sizes = []
-            for n_rs_seq in (0, self._target.n_rs_seq):
-                with Context(model, n_ctx=256, n_batch=32, n_seq_max=self._target.n_seq_max,
-                             n_rs_seq=n_rs_seq, n_threads=1) as probe:
-                    sizes.append(sum(entry["context"] for entry in probe.memory_breakdown()))
-            snapshots = max(0, sizes[1] - sizes[0])
         return MemoryReport(
             mtp_weights=model.mtp_weight_bytes,
             model_weights=model.size,
             target=self._target.memory_breakdown(),
             draft=self._draft_ctx.memory_breakdown(),
-            recurrent_snapshots=snapshots,
+            recurrent_snapshots=snapshot_bytes(model, self._target.n_seq_max, self._target.n_rs_seq),
         )
 
     # -- statistics -------------------------------------------------------------------

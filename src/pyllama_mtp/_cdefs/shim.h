@@ -98,6 +98,7 @@ typedef struct pmtp_lookup_params {
     int32_t max_tokens;
 } pmtp_lookup_params;
 int32_t pmtp_spec_set_lookup(pmtp_spec * spec, const pmtp_lookup_params * params);
+int32_t pmtp_spec_set_catch_up_from(pmtp_spec * spec, llama_seq_id seq, llama_pos pos);
 int32_t pmtp_spec_n_draft_max(const pmtp_spec * spec);
 int32_t pmtp_spec_prefill(pmtp_spec * spec, llama_seq_id seq, const llama_token * tokens, int32_t n);
 int32_t pmtp_spec_draft(pmtp_spec * spec, const int32_t * n_max, float p_min);

@@ -64,6 +64,10 @@ class NativeSpeculative(NativeHandle):
             call.check(lib.pmtp_spec_prefill(self.ptr(), seq, ffi.cast("llama_token *", ffi.from_buffer(tokens)),
                                                len(tokens)), "prefill")
 
+    def set_catch_up_from(self, seq: int, pos: int) -> None:
+        with self.lock:
+            check_status(lib.pmtp_spec_set_catch_up_from(self.ptr(), seq, pos), "set the catch-up window")
+
     def step_each(self, n_draft: Sequence[int], p_min: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """One step with a draft length per sequence; returns views of (tokens, counts,
         drafted): drafted[seq] is the verified draft length, -(length + 1) for lookup drafts."""
