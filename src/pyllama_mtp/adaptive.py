@@ -37,6 +37,10 @@ class AdaptiveDraft:
         self.decay = decay
         self.steps = 0
         self.accept = np.full(n_max, 0.6)  # optimistic start: drafting gets tried
+        # Observations at each position, the prior counted as one: until there are enough
+        # for the running average, each weighs as much as the rest together, so a few
+        # steps tell a head that is nearly always right (or wrong) from the prior.
+        self.seen = np.ones(n_max)
         self.n = max(0, min(initial, n_max))  # the length last planned
 
     def observe(self, n_drafted: int, n_accepted: int) -> None:
@@ -45,7 +49,9 @@ class AdaptiveDraft:
             if i > n_accepted:
                 break  # positions after the first rejection say nothing
             hit = 1.0 if i < n_accepted else 0.0
-            self.accept[i] = self.decay * self.accept[i] + (1 - self.decay) * hit
+            keep = min(self.decay, self.seen[i] / (self.seen[i] + 1))
+            self.accept[i] = keep * self.accept[i] + (1 - keep) * hit
+            self.seen[i] += 1
         self.steps += 1
 
     def gains(self) -> np.ndarray:
@@ -66,14 +72,19 @@ class StepCost:
         self.decay = decay
         self.steps = 0
         self._seconds: dict[tuple[int, int], float] = {}
+        self._count: dict[tuple[int, int], int] = {}
 
     def observe(self, active: int, rounds: int, seconds: float) -> None:
         self.steps += 1
         if active <= 0 or seconds <= 0:
             return
         key = (active, rounds)
-        old = self._seconds.get(key)
-        self._seconds[key] = seconds if old is None else self.decay * old + (1 - self.decay) * seconds
+        count = self._count.get(key, 0)
+        # The first step of a shape also builds its graphs: the second replaces it, and
+        # until the running average has enough steps each weighs as much as the rest.
+        keep = min(self.decay, (count - 1) / count) if count else 0.0
+        self._seconds[key] = keep * self._seconds.get(key, 0.0) + (1 - keep) * seconds
+        self._count[key] = count + 1
 
     def seconds(self, active: int, rounds: int) -> Optional[float]:
         """Measured for this many sequences; else taken from the nearest count measured,
