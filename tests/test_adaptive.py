@@ -66,6 +66,41 @@ def test_a_sequence_stops_where_its_drafts_are_rarely_kept():
     assert lengths == [3, 1]
 
 
+
+
+def test_a_few_steps_tell_a_good_head_and_a_bad_one_from_the_prior():
+    good, bad = AdaptiveDraft(3, 3), AdaptiveDraft(3, 3)
+    for _ in range(3):
+        good.observe(3, 3)
+        bad.observe(3, 0)
+    # Three steps weigh three times the prior: 0.6 -> 0.9 and 0.6 -> 0.15 at position 0.
+    assert good.accept[0] == pytest.approx(0.9) and bad.accept[0] == pytest.approx(0.15)
+    assert bad.accept[1] == pytest.approx(0.6)  # never reached: no evidence
+    for _ in range(200):
+        good.observe(3, 3)
+    assert good.accept.min() > 0.99  # then a running average that keeps following
+
+
+def test_a_shapes_first_step_does_not_decide_its_cost():
+    cost = StepCost()
+    cost.observe(1, 3, 0.500)  # graph build on first use
+    cost.observe(1, 3, 0.020)
+    assert cost.seconds(1, 3) == pytest.approx(0.020)
+    cost.observe(1, 3, 0.030)
+    assert cost.seconds(1, 3) == pytest.approx(0.025)
+
+
+def test_the_first_step_after_a_prefill_drafts_nothing_unless_told(model):
+    with SpeculativeDecoder.create(model, n_ctx=512, n_draft=3, **EXACT) as decoder:
+        decoder.prefill(PROMPTS[0])
+        assert len(decoder.step()[0]) == 1 and decoder.last_drafted == [0]
+        decoder.step()
+        assert decoder.last_drafted == [3]
+        decoder.prefill(" and then", 0)
+        decoder.step(2)  # an explicit length is kept
+        assert decoder.last_drafted == [2]
+
+
 @pytest.mark.parametrize("arch", ["qwen35", "glm4moe"])
 def test_a_resting_drafter_changes_nothing_and_drafts_again(model_path, arch, backend_name):
     if backend_name != "cpu":
