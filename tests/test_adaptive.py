@@ -66,8 +66,6 @@ def test_a_sequence_stops_where_its_drafts_are_rarely_kept():
     assert lengths == [3, 1]
 
 
-
-
 def test_a_few_steps_tell_a_good_head_and_a_bad_one_from_the_prior():
     good, bad = AdaptiveDraft(3, 3), AdaptiveDraft(3, 3)
     for _ in range(3):
