@@ -51,8 +51,11 @@ def test_fixed_lengths_are_kept_and_inactive_sequences_draft_nothing():
     assert lengths[0] == 1 and lengths[3] == 3 and lengths[2] == 0
 
 
-def test_untried_lengths_are_tried_longest_first_and_other_sizes_borrow_relative_costs():
-    assert plan_drafts(_policies(2, 0.6), [True, True], StepCost()) == [3, 3]
+def test_untried_lengths_are_tried_shortest_first_and_other_sizes_borrow_relative_costs():
+    policies, cost = _policies(2, 0.6), StepCost()
+    assert plan_drafts(policies, [True, True], cost) == [0, 0]
+    cost.observe(2, 0, 0.030)
+    assert plan_drafts(policies, [True, True], cost) == [1, 1]
     cost = _cost({(8, 0): 0.030, (8, 3): 0.120, (7, 0): 0.028})
     # At 7 sequences length 3 is unmeasured: 0.028 * 0.120 / 0.030, not 8's seconds scaled.
     assert cost.seconds(7, 3) == pytest.approx(0.112)

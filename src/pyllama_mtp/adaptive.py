@@ -12,8 +12,8 @@ where 3 drafts each paid). :func:`plan_drafts` picks the number of rounds with t
 expected tokens per second for the batch at hand, each sequence stopping where its own
 next draft is unlikely to be kept. So a head that is often wrong drafts less, and as
 more sequences share the verify batch drafting must earn more: drafts shrink as a
-server's slots fill. Drafting nothing is one of the choices. Every number of rounds is
-tried once (other batch sizes start from the nearest one measured), and every
+server's slots fill. Drafting nothing is one of the choices. Every useful number of
+rounds is tried, the shortest first (other batch sizes start from the nearest one measured), and every
 ``explore_every`` steps a neighbour of the best is tried again (every eighth time only if
 it measured far worse), so a head that recovers or a machine that got busier is noticed.
 """
@@ -143,7 +143,10 @@ def plan_drafts(policies: Sequence[AdaptiveDraft], active: Sequence[bool], cost:
     rates = {rounds: expected_rate(rounds) for rounds in options}
     untried = [rounds for rounds, rate in rates.items() if rate is None]
     if untried:
-        best = max(untried)  # the longest first: optimistic, and where drafting pays most
+        # The shortest first: a head that is often wrong is found out by one cheap step
+        # (its acceptance then cuts the longer options away untried), and a good one
+        # climbs a round per step while its drafts are kept.
+        best = min(untried)
     else:
         best = max(rates, key=lambda rounds: rates[rounds] or 0.0)
         # Now and then a neighbour, to follow changes; rarely one that measured far worse.
