@@ -33,6 +33,7 @@ from ._lowlevel import ContextConfig
 from .errors import LlamaError, ModelLoadError
 
 ENV_SWITCH = "PYLLAMA_MTP_PREFLIGHT"
+REPACK_SWITCH = "PYLLAMA_MTP_REPACK"  # 0 / 1: Model.load's repack default
 TIMEOUT_S = 300.0
 HELPER = pathlib.Path(__file__).parent / "lib" / ("pmtp-preflight.exe" if os.name == "nt" else "pmtp-preflight")
 _log = logging.getLogger("pyllama_mtp.llama_cpp")
@@ -51,11 +52,23 @@ _cache: dict[tuple, tuple[int, Optional[tuple[str, str]]]] = {}
 _cache_lock = threading.Lock()
 
 
+def _env_flag(name: str) -> Optional[bool]:
+    """An environment switch: None when unset or empty, False for 0/false/no/off, else True."""
+    value = os.environ.get(name, "").strip().lower()
+    return None if not value else value not in {"0", "false", "no", "off"}
+
+
 def enabled(requested: Optional[bool]) -> bool:
     """``requested`` if given, else the environment switch (on unless set to 0/false/no/off)."""
     if requested is not None:
         return bool(requested)
-    return os.environ.get(ENV_SWITCH, "1").strip().lower() not in {"0", "false", "no", "off"}
+    return _env_flag(ENV_SWITCH) is not False
+
+
+def repack_setting(requested: Optional[bool]) -> Optional[bool]:
+    """Weight repacking: ``requested`` if given, else PYLLAMA_MTP_REPACK, else None (the
+    library decides: on, unless the pre-flight finds the repacked kernels failing)."""
+    return requested if requested is not None else _env_flag(REPACK_SWITCH)
 
 
 def context_spec(config: ContextConfig) -> str:

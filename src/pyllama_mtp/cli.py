@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from typing import Optional, Sequence
@@ -204,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pyllama-mtp",
         description="Multi-token-prediction speculative decoding on llama.cpp.")
     parser.add_argument("--version", action="version", version=f"pyllama_mtp {__version__}")
+    parser.add_argument("--no-repack", action="store_true",
+                        help="keep quantized weights in their file layout (no repacking into the CPU's "
+                             "AMX / interleaved buffers); the same as PYLLAMA_MTP_REPACK=0")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     generate = commands.add_parser("generate", help="generate text from a GGUF model")
@@ -284,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.no_repack:  # for every command, the server's loads included
+        os.environ["PYLLAMA_MTP_REPACK"] = "0"
     try:
         return args.func(args)
     except LlamaError as exc:  # a bad file or argument: one line, no traceback

@@ -83,9 +83,10 @@ class Model(Resource):
                 ``PYLLAMA_MTP_PREFLIGHT=0``. ``False`` saves its cost (see the README's
                 reliability section) for files known to be sound.
             repack: let llama.cpp repack weights into the CPU's extra buffer types
-                (AMX, interleaved layouts) for faster kernels. None: yes, unless the
-                pre-flight's computation dies in those kernels on this machine, then no
-                (with a warning in the log).
+                (AMX, interleaved layouts) for faster kernels. None: the environment's
+                ``PYLLAMA_MTP_REPACK`` (0 or 1) if set, else yes, unless the pre-flight's
+                computation dies in those kernels on this machine, then no (with a warning
+                in the log). The command line's ``--no-repack`` sets it to 0.
 
         Raises:
             ModelLoadError: the file is missing, unreadable, corrupt or unsupported, or
@@ -97,6 +98,7 @@ class Model(Resource):
         if not isinstance(n_gpu_layers, int):
             raise InvalidArgumentError("n_gpu_layers must be an int")
         info = check_gguf_file(path_str)
+        repack = _preflight.repack_setting(repack)
         check = None
         if _preflight.enabled(preflight):
             check = _preflight.Preflight(path_str, load_mtp, repack)
