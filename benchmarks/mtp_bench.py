@@ -275,6 +275,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak RSS runs")
     parser.add_argument("--plan", action="store_true", help="print what would run and exit")
+    parser.add_argument("--prepare", action="store_true", help="make (and quantize) the models, then exit")
     parser.add_argument("--out", type=pathlib.Path, default=HERE / "results")
     args = parser.parse_args(argv)
     args.n_tokens = args.n_tokens or (64 if args.quick else 128)
@@ -288,6 +289,11 @@ def main(argv=None) -> int:
               f"{native_tool('llama-completion') or 'not built'}")
         return 0
     start = time.perf_counter()
+    if args.prepare:
+        for ftype in ftypes:
+            args.ftype = ftype
+            log(f"model ready: {benchmark_model(args).name} ({time.perf_counter() - start:.0f} s)")
+        return 0
     result = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
         "threads": args.threads, "tokens": args.n_tokens, "repeats": args.repeats, "backend": args.device,

@@ -41,7 +41,7 @@ def test_without_a_gpu_the_plan_is_printed_and_the_missing_inputs_named(tmp_path
     assert "1. build" in out and "2. tests" in out and "3. bench" in out and "4. report" in out
     assert "PYLLAMA_MTP_TEST_BACKEND=cuda" in out
     # The benchmark read its own arguments (the package is installed in the test run).
-    assert "bench plan: 1b model as f32, q8_0, q4_k_m" in out
+    assert "bench plan: 1b model as f32, q8_0, q4_k_m; n_draft [2, 3]" in out
     assert "a real run here would stop" in out
 
 

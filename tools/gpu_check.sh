@@ -11,7 +11,8 @@
 #   --out DIR         results: gpu_check.json, gpu_check.md, logs (default build/gpu-check/results)
 #   --wheelhouse DIR  Python packages from this folder only (a machine without the package index)
 #   --arch SM         CUDA architecture (default: the first GPU's compute capability, e.g. 90)
-# Stage limits in seconds: GPU_CHECK_BUILD_S (330), GPU_CHECK_TESTS_S (120), GPU_CHECK_BENCH_S (130).
+# Stage limits in seconds: GPU_CHECK_BUILD_S (300), GPU_CHECK_TESTS_S (120), GPU_CHECK_BENCH_S (120);
+# the benchmark's models are generated and quantized beside the tests (GPU_CHECK_MODELS_S, 180).
 set -uo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -27,7 +28,8 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
-build_s=${GPU_CHECK_BUILD_S:-330} tests_s=${GPU_CHECK_TESTS_S:-120} bench_s=${GPU_CHECK_BENCH_S:-130}
+build_s=${GPU_CHECK_BUILD_S:-300} tests_s=${GPU_CHECK_TESTS_S:-120} bench_s=${GPU_CHECK_BENCH_S:-120}
+models_s=${GPU_CHECK_MODELS_S:-180}
 work="$root/build/gpu-check"
 start=$(date +%s)
 problems=0
@@ -86,7 +88,7 @@ for script in benchmarks/mtp_bench.py benchmarks/measure.py; do
     "$python" -m py_compile "$script" 2>/dev/null || problem "$script does not compile"
 done
 unset PYLLAMA_MTP_TEST_BACKEND
-bench_args=(--size 1b --ftype f32,q8_0,q4_k_m --device CUDA --threads 8 --tokens 128 --repeats 3 --drafts 1,2,3
+bench_args=(--size 1b --ftype f32,q8_0,q4_k_m --device CUDA --threads 8 --tokens 128 --repeats 2 --drafts 2,3
             --no-memory)
 
 cat <<PLAN
@@ -94,9 +96,11 @@ gpu_check: plan (results in $out)
   1. build    (<= ${build_s} s): new venv in $work/venv; pip install ".[test]" with
               CMAKE_ARGS="-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=$arch -DPYLLAMA_MTP_NATIVE_TOOLS=ON",
               build folder $work/cmake, $cores parallel jobs${wheelhouse:+, packages from $wheelhouse only}
-  2. tests    (<= ${tests_s} s): PYLLAMA_MTP_TEST_BACKEND=cuda pytest (every model offloaded to the GPU)
+  2. tests    (<= ${tests_s} s): PYLLAMA_MTP_TEST_BACKEND=cuda pytest (every model offloaded to the GPU);
+              beside them (<= ${models_s} s from the start of this stage) the benchmark's models are
+              generated and quantized on the CPU (mtp_bench.py --prepare)
   3. bench    (<= ${bench_s} s): benchmarks/mtp_bench.py --size 1b --ftype f32,q8_0,q4_k_m --device CUDA
-              (ours vs llama-completion / llama-speculative-simple, plain vs MTP n_draft 1-3)
+              (ours vs llama-completion / llama-speculative-simple, plain vs MTP n_draft 2 and 3)
   4. report: gpu_check.json and gpu_check.md (GPU, stage times, test counts, the benchmark table)
 PLAN
 if [ "$dry_run" -eq 1 ]; then
@@ -133,9 +137,12 @@ say "1. build: exit $build_rc in ${build_wall} s (log: build.log)"
 python -c "import pyllama_mtp as p; d=[x.name for x in p.devices()]; print('devices:', d); assert any(n.startswith('CUDA') for n in d)" \
     || { say "the build sees no CUDA device"; exit 3; }
 
-# -- 2. tests ----------------------------------------------------------------------------
+# -- 2. tests (and the benchmark's models, on the CPU beside them) -------------------------
 stage_start=$(date +%s)
-say "2. tests: started"
+PYTHONUNBUFFERED=1 timeout "$models_s" python benchmarks/mtp_bench.py "${bench_args[@]}" --prepare \
+    > "$out/models.log" 2>&1 &
+models_pid=$!
+say "2. tests: started (models being made beside them, log: models.log)"
 PYLLAMA_MTP_TEST_BACKEND=cuda timeout "$tests_s" python -m pytest -q -p no:cacheprovider \
     --junitxml="$out/tests.xml" > "$out/tests.log" 2>&1
 tests_rc=$?
@@ -143,6 +150,9 @@ tests_wall=$(( $(date +%s) - stage_start ))
 tests_line=$(grep -E '(passed|failed|error).* in [0-9.]+s' "$out/tests.log" | tail -1 | tr -d '=')
 say "2. tests: exit $tests_rc in ${tests_wall} s: ${tests_line:-no summary (stopped at the limit?)}"
 grep -E '^(FAILED|ERROR)' "$out/tests.log" | head -20
+wait "$models_pid"
+models_rc=$?
+say "models: exit $models_rc after $(( $(date +%s) - stage_start )) s: $(grep 'model ready' "$out/models.log" | tr '\n' ' ')"
 
 # -- 3. benchmark ------------------------------------------------------------------------
 stage_start=$(date +%s)
