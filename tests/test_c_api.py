@@ -75,3 +75,12 @@ def test_target_choices_refuses_a_missing_buffer(decoder):
     assert lib.pmtp_spec_target_choices(spec, 0, ffi.NULL, 4) == lib.PMTP_ERR_ARGUMENT
     out = np.zeros(1, dtype=np.int32)
     assert lib.pmtp_spec_target_choices(spec, 0, ffi.cast("llama_token *", ffi.from_buffer(out)), 0) >= 0
+
+
+def test_set_catch_up_from_refuses_a_bad_sequence_or_position(decoder):
+    spec = native_handle(decoder).ptr()
+    assert lib.pmtp_spec_set_catch_up_from(spec, 0, 10) == lib.PMTP_OK
+    assert lib.pmtp_spec_set_catch_up_from(spec, 0, -1) == lib.PMTP_OK
+    assert lib.pmtp_spec_set_catch_up_from(spec, 0, -2) == lib.PMTP_ERR_ARGUMENT
+    assert lib.pmtp_spec_set_catch_up_from(spec, 7, 0) == lib.PMTP_ERR_ARGUMENT
+    assert lib.pmtp_spec_set_catch_up_from(ffi.NULL, 0, 0) == lib.PMTP_ERR_ARGUMENT
