@@ -12,13 +12,12 @@ benchmarks/results/adaptive.json and prints a markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import statistics
 import sys
 import time
 
-from pyllama_mtp import Model, fixtures, quantize
+from pyllama_mtp import Model, fixtures
 
 import measure
 
@@ -27,22 +26,6 @@ PROMPT = "The quick brown fox"
 LEVELS = (0.18, 0.4, 0.75, 0.95)  # rule agreement (0.18: the lowest calibrated; ~10% MTP acceptance)
 FIXED = (1, 2, 3, 4)
 GOAL = 0.97
-
-
-def log(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
-def fixture(level: float, ftype: str, args) -> pathlib.Path:
-    source = fixtures.make_model("qwen35", n_embd=args.n_embd, n_layer=args.n_layer, acceptance=level)
-    if ftype == "f32":
-        return source
-    target = source.with_name(f"{source.stem}-{ftype}.gguf")
-    if not target.exists():
-        partial = target.with_suffix(".part")
-        quantize(source, partial, ftype, n_threads=args.threads)
-        partial.replace(target)
-    return target
 
 
 def one_model(path: pathlib.Path, args) -> dict:
@@ -54,7 +37,7 @@ def one_model(path: pathlib.Path, args) -> dict:
             methods[f"fixed {n}"] = lambda n=n: measure.speculative(model, prompt, args.tokens, n_draft=n, **common)
         methods["adaptive"] = lambda: measure.speculative(model, prompt, args.tokens, n_draft=max(FIXED),
                                                           adaptive=True, **common)
-        samples = measure.interleaved(methods, args.repeats, log)
+        samples = measure.interleaved(methods, args.repeats)
     rates = {name: [s["tps"] for s in runs] for name, runs in samples.items()}
     best_fixed = max(FIXED, key=lambda n: statistics.median(rates[f"fixed {n}"]))
     # The better of plain and the best fixed length, in each repetition.
@@ -86,8 +69,9 @@ def main() -> int:
     results = []
     for ftype in args.ftypes.split(","):
         for level in map(float, args.levels.split(",")):
-            path = fixture(level, ftype, args)
-            log(f"== {path.name}")
+            path = measure.quantized(fixtures.make_model(
+                "qwen35", n_embd=args.n_embd, n_layer=args.n_layer, acceptance=level), ftype)
+            measure.log(f"== {path.name}")
             results.append({"ftype": ftype, "level": level, **one_model(path, args)})
     lines = ["| model | plain | fixed 1 | fixed 2 | fixed 3 | fixed 4 | adaptive | acceptance (fixed 3) "
              "| adaptive drafts/step | adaptive / best of plain and fixed | met (>= 0.97) |",
@@ -102,11 +86,9 @@ def main() -> int:
                      f"{'plain' if row['best_fixed_vs_plain'][0] < 1 else 'fixed ' + str(row['best_fixed'])}) "
                      f"| {'yes' if met else 'no'} |")
     table = "\n".join(lines)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "results": results,
-                                    "wall_s": time.perf_counter() - start}, indent=1))
+    measure.write_json(args.out, args, results=results, wall_s=time.perf_counter() - start)
     print(table)
-    log(f"took {time.perf_counter() - start:.0f} s; tokens/s exclude prompt evaluation; {args.out}")
+    measure.log(f"took {time.perf_counter() - start:.0f} s; tokens/s exclude prompt evaluation; {args.out}")
     return 0
 
 

@@ -9,11 +9,40 @@ ratios, reported with its spread (lowest, highest).
 
 from __future__ import annotations
 
+import json
+import os
+import pathlib
 import statistics
+import sys
 import time
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
-from pyllama_mtp import SpeculativeDecoder
+from pyllama_mtp import SpeculativeDecoder, quantize
+
+
+def log(*parts: object) -> None:
+    """Progress on stderr (stdout carries the tables)."""
+    print(*parts, file=sys.stderr, flush=True)
+
+
+def quantized(source: pathlib.Path, ftype: str) -> pathlib.Path:
+    """``source`` itself for f32, else its ``ftype`` copy beside it, made once with
+    llama.cpp's quantizer (all cores) and reused."""
+    if ftype == "f32":
+        return source
+    target = source.with_name(f"{source.stem}-{ftype}.gguf")
+    if not target.exists():
+        log(f"quantizing {source.name} to {ftype} with llama.cpp's quantizer ...")
+        partial = target.with_suffix(".part")
+        quantize(source, partial, ftype, n_threads=os.cpu_count() or 1)
+        partial.replace(target)
+    return target
+
+
+def write_json(path: pathlib.Path, args: Any, **data: Any) -> None:
+    """One result file: the run's arguments and its data."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, **data}, indent=1))
 
 
 def timed_stream(stream: Iterable[int], n_tokens: int) -> dict:
@@ -56,8 +85,7 @@ def speculative(model, prompt: Sequence[int], n_tokens: int, *, threads: int, n_
     return result
 
 
-def interleaved(methods: dict[str, Callable[[], dict]], repeats: int,
-                log: Callable[[str], None] = lambda line: None) -> dict[str, list[dict]]:
+def interleaved(methods: dict[str, Callable[[], dict]], repeats: int) -> dict[str, list[dict]]:
     """Run every method once per repetition, in an order rotated each time, so drift of
     the machine and the position in the cycle hit all methods alike."""
     names = list(methods)

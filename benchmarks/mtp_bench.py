@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 
-from pyllama_mtp import Model, __version__, fixtures, quantize, system_info
+from pyllama_mtp import Model, __version__, fixtures, system_info
 
 import measure
 
@@ -41,10 +41,6 @@ NATIVE_EVAL = re.compile(rb"\s eval time =\s+([\d.]+) ms /\s+(\d+) runs")
 SIZES = {"400m": dict(n_embd=1536, n_layer=16), "1b": dict(n_embd=2048, n_layer=32)}
 
 
-def log(*args) -> None:
-    print(*args, file=sys.stderr, flush=True)
-
-
 def native_tool(name: str) -> pathlib.Path | None:
     folder = os.environ.get("PYLLAMA_MTP_TOOLS_DIR")
     for candidate in ([pathlib.Path(folder)] if folder else sorted(REPO.glob("build/*/bin"))):
@@ -56,18 +52,9 @@ def native_tool(name: str) -> pathlib.Path | None:
 def benchmark_model(args) -> pathlib.Path:
     if args.model:
         return pathlib.Path(args.model)
-    cache = fixtures.default_cache_dir()
     source = fixtures.make_demo_model() if args.quick else fixtures.make_model(
         "qwen35", **SIZES[args.size], head_dim=64, seed=0, eps=fixtures.DEMO_EPS_TABLE[4][0] * 1.06)
-    if args.ftype == "f32":
-        return source
-    target = cache / f"{source.stem}-{args.ftype}.gguf"
-    if not target.exists():
-        log(f"quantizing {source.name} to {args.ftype} with llama.cpp's quantizer ...")
-        partial = target.with_suffix(".part")
-        quantize(source, partial, args.ftype, n_threads=os.cpu_count() or args.threads)
-        partial.replace(target)
-    return target
+    return measure.quantized(source, args.ftype)
 
 
 # -- one measurement each (ours through benchmarks/measure.py) ----------------------------
@@ -86,7 +73,7 @@ def native_plain(path, args) -> dict | None:
                          capture_output=True, timeout=600)
     found = NATIVE_EVAL.search(out.stderr)
     if not found:
-        log("llama-completion printed no timing:", out.stderr[-500:].decode(errors="replace"))
+        measure.log("llama-completion printed no timing:", out.stderr[-500:].decode(errors="replace"))
         return None
     ms, runs = float(found.group(1)), int(found.group(2))
     return {"tps": 1000.0 * runs / ms}
@@ -102,7 +89,7 @@ def native_mtp(path, args, n_draft) -> dict | None:
                          capture_output=True, timeout=600)
     found = NATIVE_SPEED.search(out.stderr) or NATIVE_SPEED.search(out.stdout)
     if not found:
-        log("llama-speculative-simple printed no timing:", out.stderr[-500:].decode(errors="replace"))
+        measure.log("llama-speculative-simple printed no timing:", out.stderr[-500:].decode(errors="replace"))
         return None
     return {"tps": float(found.group(3))}
 
@@ -132,7 +119,7 @@ def run(args) -> dict:
     path = benchmark_model(args)
     drafts = args.drafts
     with Model.load(path) as model:
-        log(f"model: {path.name}, {model.n_params / 1e6:.0f} M parameters, {model.size / 2**20:.0f} MiB")
+        measure.log(f"model: {path.name}, {model.n_params / 1e6:.0f} M parameters, {model.size / 2**20:.0f} MiB")
         prompt = model.tokenize(PROMPT)
         methods = {"ours_plain": lambda: measure.plain(model, prompt, args.n_tokens, threads=args.threads),
                    "native_plain": lambda: native_plain(path, args)}
@@ -143,7 +130,7 @@ def run(args) -> dict:
         # A native tool that printed no timing gives nan: its ratios drop that repetition.
         nan = {"tps": float("nan")}
         samples = measure.interleaved({name: (lambda f=f: f() or nan) for name, f in methods.items()},
-                                      args.repeats, log)
+                                      args.repeats)
         params, size = model.n_params, model.size
     reference = samples["ours_plain"][0]["tokens"]
     lossless = all(s["tokens"] == reference for n in drafts for s in samples[f"ours_mtp_{n}"])
@@ -241,7 +228,7 @@ def _plot(run_: dict, result: dict, out_dir: pathlib.Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        log("matplotlib is not installed: no plot (pip install matplotlib)")
+        measure.log("matplotlib is not installed: no plot (pip install matplotlib)")
         return
     s = run_["summary"]
     drafts = sorted(int(m.rsplit("_", 1)[1]) for m in s if m.startswith("ours_mtp_"))
@@ -292,7 +279,7 @@ def main(argv=None) -> int:
     if args.prepare:
         for ftype in ftypes:
             args.ftype = ftype
-            log(f"model ready: {benchmark_model(args).name} ({time.perf_counter() - start:.0f} s)")
+            measure.log(f"model ready: {benchmark_model(args).name} ({time.perf_counter() - start:.0f} s)")
         return 0
     result = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count()},
@@ -302,12 +289,12 @@ def main(argv=None) -> int:
     }
     for ftype in ftypes:
         args.ftype = ftype
-        log(f"== {ftype}")
+        measure.log(f"== {ftype}")
         result["runs"].append(run(args))
     result["wall_s"] = time.perf_counter() - start
     write_outputs(result, args.out)
     print((args.out / "latest.md").read_text())
-    log(f"benchmark took {result['wall_s']:.0f} s; results in {args.out}")
+    measure.log(f"benchmark took {result['wall_s']:.0f} s; results in {args.out}")
     return 0
 
 

@@ -14,7 +14,6 @@ exclude the prompt and the first token. Writes benchmarks/results/ttft.json.
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import statistics
 import sys
@@ -26,10 +25,6 @@ import measure
 
 HERE = pathlib.Path(__file__).resolve().parent
 GOAL = 1.05
-
-
-def log(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 def prompt_of(model, length: int) -> list[int]:
@@ -54,7 +49,7 @@ def main() -> int:
     path = fixtures.make_model("qwen35", n_embd=args.n_embd, n_layer=args.n_layer)
     rows = []
     with Model.load(path) as model:
-        log(f"model: {path.name}, {model.n_params / 1e6:.0f} M parameters")
+        measure.log(f"model: {path.name}, {model.n_params / 1e6:.0f} M parameters")
         for length in map(int, args.lengths.split(",")):
             prompt = prompt_of(model, length)
             n_ctx = length + args.tokens + 64
@@ -66,8 +61,8 @@ def main() -> int:
             if args.catch_up:
                 methods["mtp, bounded catch-up"] = lambda: measure.speculative(
                     model, prompt, args.tokens, n_draft=args.n_draft, catch_up=args.catch_up, **common)
-            log(f"== prompt of {length} tokens")
-            samples = measure.interleaved(methods, args.repeats, log)
+            measure.log(f"== prompt of {length} tokens")
+            samples = measure.interleaved(methods, args.repeats)
             row = {"length": length}
             for name, runs in samples.items():
                 row[name] = {"ttft_s": statistics.median(r["ttft_s"] for r in runs),
@@ -88,11 +83,9 @@ def main() -> int:
                          f"| {measure.spread(versus, 3) if versus else ''} "
                          f"| {('yes' if versus[0] <= GOAL else 'no') if versus else ''} | {value['tps']:.1f} "
                          f"| {'' if value['acceptance'] is None else format(value['acceptance'], '.0%')} |")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "rows": rows,
-                                    "wall_s": time.perf_counter() - start}, indent=1))
+    measure.write_json(args.out, args, rows=rows, wall_s=time.perf_counter() - start)
     print("\n".join(lines))
-    log(f"took {time.perf_counter() - start:.0f} s; {args.out}")
+    measure.log(f"took {time.perf_counter() - start:.0f} s; {args.out}")
     return 0
 
 

@@ -25,6 +25,13 @@ from typing import Optional, Sequence
 import numpy as np
 
 
+def _keep(weight: float, decay: float) -> float:
+    """The share an estimate keeps of itself when a new observation comes: the estimate
+    holds ``weight`` observations' worth; until the running average's share is reached,
+    each observation weighs as much as those before it together (a bias-corrected mean)."""
+    return min(decay, weight / (weight + 1))
+
+
 class AdaptiveDraft:
     """One sequence's recent acceptance at each draft position."""
 
@@ -49,7 +56,7 @@ class AdaptiveDraft:
             if i > n_accepted:
                 break  # positions after the first rejection say nothing
             hit = 1.0 if i < n_accepted else 0.0
-            keep = min(self.decay, self.seen[i] / (self.seen[i] + 1))
+            keep = _keep(self.seen[i], self.decay)
             self.accept[i] = keep * self.accept[i] + (1 - keep) * hit
             self.seen[i] += 1
         self.steps += 1
@@ -80,9 +87,9 @@ class StepCost:
             return
         key = (active, rounds)
         count = self._count.get(key, 0)
-        # The first step of a shape also builds its graphs: the second replaces it, and
-        # until the running average has enough steps each weighs as much as the rest.
-        keep = min(self.decay, (count - 1) / count) if count else 0.0
+        # The first step of a shape also builds its graphs: it counts for nothing once a
+        # second one comes.
+        keep = _keep(max(0, count - 1), self.decay)
         self._seconds[key] = keep * self._seconds.get(key, 0.0) + (1 - keep) * seconds
         self._count[key] = count + 1
 

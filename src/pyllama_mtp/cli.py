@@ -10,6 +10,7 @@ import time
 from typing import Optional, Sequence
 
 from . import Model, Sampler, SpeculativeDecoder, TextStream, __version__, fixtures, gguf_tools, system_info
+from ._preflight import REPACK_SWITCH
 from .errors import LlamaError
 from .model import quantize
 
@@ -289,7 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.no_repack:  # for every command, the server's loads included
-        os.environ["PYLLAMA_MTP_REPACK"] = "0"
+        os.environ[REPACK_SWITCH] = "0"
     try:
         return args.func(args)
     except LlamaError as exc:  # a bad file or argument: one line, no traceback

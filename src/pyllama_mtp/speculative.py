@@ -283,8 +283,12 @@ class SpeculativeDecoder(Resource):
         # Planning, the C step and the bookkeeping are one step under the decoder's lock
         # (the first in the one lock order): threads sharing a decoder take whole steps.
         with self._native.lock:
-            fixed = [0 if n is None and first else n for n, first in zip(fixed, self._prefilled)]
-            self._prefilled = [False] * self.n_seq
+            # A close() asked for while this call waited for the lock wins: it raises
+            # ClosedError here rather than waiting behind a thread that steps on.
+            self._live_native()
+            if any(self._prefilled):
+                fixed = [0 if n is None and first else n for n, first in zip(fixed, self._prefilled)]
+                self._prefilled = [False] * self.n_seq
             policies = self._policies if any(n is None for n in fixed) else []
             if policies:
                 active = [self._native.seq_state(seq)[0] for seq in range(self.n_seq)]
