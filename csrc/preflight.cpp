@@ -15,8 +15,9 @@
 // checks some tensor types only when a kernel runs (a norm weight stored as f16 aborts in
 // the CPU's binary ops), so only a computation finds those.
 //
-// Protocol: stdout gets "stage NAME" before each step, flushed, so the caller knows where
-// a crash happened; stderr gets llama.cpp's warnings and errors and, on a failed assert,
+// Protocol: stdout gets "cpu VARIANT" (the CPU kernels in use, as system_info() names
+// them), then "stage NAME" before each step, flushed, so the caller knows where a crash
+// happened; stderr gets llama.cpp's warnings and errors and, on a failed assert,
 // ggml's message. Exit status: 0 sound; 10, 11, 12 llama.cpp refused cleanly to load, to
 // create a context, to compute (clear of 1-3: abort() exits 3 on Windows); 64 bad usage.
 // Death by a signal is what the caller turns into an error.
@@ -212,7 +213,12 @@ int main(int argc, char ** argv) {
     set_env("HIP_VISIBLE_DEVICES", "");
     ggml_set_abort_callback(report_abort);
     llama_log_set(log_errors, nullptr);
+    if (pmtp_backends_load() != PMTP_OK) {
+        std::fprintf(stderr, "no CPU backend could be loaded beside the library\n");
+        return exit_load_failed;
+    }
     llama_backend_init();
+    std::fprintf(stdout, "cpu %s\n", pmtp_cpu_variant());  // the CPU kernels this run uses
 
     stage("load");
     llama_model_params mparams = llama_model_default_params();

@@ -48,6 +48,19 @@ PMTP_API const char * pmtp_compiled_backends(void);
 
 /* ---- backends ---- */
 
+/* Load the backend modules that lie beside this library, before llama_backend_init (which
+ * would otherwise search the executable's folder and the current directory). A build with
+ * GGML_BACKEND_DL (a portable build) has its backends as modules: of the CPU variants, the
+ * one that scores best on this CPU is loaded. A build that links its backends does nothing.
+ * PMTP_ERR_INTERNAL when a module build finds no CPU backend to load. */
+PMTP_API int32_t pmtp_backends_load(void);
+/* How the CPU backend was built and chosen: the loaded variant's name in a portable build
+ * ("haswell", "zen4", "x64", ...), "native" for a build tuned to the machine that compiled
+ * it, "fixed" for a single build with chosen flags; "none" when no CPU backend is loaded. */
+PMTP_API const char * pmtp_cpu_variant(void);
+/* "dynamic" (backends are modules loaded at run time) or "linked". */
+PMTP_API const char * pmtp_backend_loading(void);
+
 /* Register a ggml RPC server ("host:port") as a device. PMTP_ERR_ARGUMENT when this build
  * has no RPC backend, PMTP_ERR_INTERNAL when the server cannot be reached. */
 PMTP_API int32_t pmtp_rpc_add_server(const char * endpoint);

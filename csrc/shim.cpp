@@ -18,32 +18,6 @@ const char * pmtp_version(void)            { return PYLLAMA_MTP_VERSION; }
 const char * pmtp_llama_commit(void)       { return PYLLAMA_MTP_LLAMA_COMMIT; }
 const char * pmtp_compiled_backends(void)  { return PYLLAMA_MTP_BACKENDS; }
 
-int32_t pmtp_rpc_add_server(const char * endpoint) {
-    if (endpoint == nullptr) {
-        return PMTP_ERR_ARGUMENT;
-    }
-    // Looked up by name, as llama.cpp's own tools do, so a build without RPC still links.
-    ggml_backend_reg_t rpc = ggml_backend_reg_by_name("RPC");
-    if (rpc == nullptr) {
-        return PMTP_ERR_ARGUMENT;
-    }
-    using add_server_fn = ggml_backend_reg_t (*)(const char *);
-    auto add_server = reinterpret_cast<add_server_fn>(ggml_backend_reg_get_proc_address(rpc, "ggml_backend_rpc_add_server"));
-    if (add_server == nullptr) {
-        return PMTP_ERR_ARGUMENT;
-    }
-    try {
-        ggml_backend_reg_t server = add_server(endpoint);
-        if (server == nullptr) {
-            return PMTP_ERR_INTERNAL;
-        }
-        ggml_backend_register(server);
-        return PMTP_OK;
-    } catch (const std::exception &) {
-        return PMTP_ERR_INTERNAL;
-    }
-}
-
 }  // extern "C"
 
 int32_t pmtp_status_from_decode(int32_t rc) {

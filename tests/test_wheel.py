@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import platform
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,8 @@ import venv
 import zipfile
 
 import pytest
+
+import pyllama_mtp
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
@@ -72,6 +75,11 @@ def test_wheel_installs_into_a_fresh_venv_and_runs(tmp_path, repo_wheel, model_p
         assert any("libgomp" in n for n in bundled), bundled
     assert not any("libvulkan" in n for n in bundled), bundled
     wheel = repaired[0]
+    if pyllama_mtp.system_info()["backend_loading"] == "dynamic" and platform.machine() == "x86_64":
+        # A portable build: what the repaired wheel ships (bundled libraries included)
+        # needs nothing beyond the x86-64 baseline outside the dispatched CPU variants.
+        scan = run(sys.executable, REPO / "tools" / "check_portable.py", wheel, cwd=tmp_path)
+        print(scan.stdout.strip().splitlines()[-1])
 
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
@@ -132,10 +140,12 @@ def test_sdist_builds_offline_into_the_same_wheel(tmp_path, repo_wheel):
     run(sys.executable, "-m", "pip", "download", "-q", "-d", wheelhouse, "scikit-build-core>=0.10",
         "cffi>=1.17", "cmake>=3.21", "ninja", cwd=tmp_path)
     offline = ["unshare", "--net", "--map-root-user"] if _can_cut_network() else []
-    # CPU only (the Vulkan shaders alone would take 11 minutes more). With ccache, paths
-    # rewritten relative to the build folder make the unpacked tree hit the objects the
-    # source tree's build left, as its layout is the same.
-    env = {**os.environ, "CMAKE_ARGS": "", "CCACHE_BASEDIR": "/"}
+    # CPU only (the Vulkan shaders alone would take 11 minutes more), portable when the
+    # source tree's wheel is. With ccache, paths rewritten relative to the build folder
+    # make the unpacked tree hit the objects the source tree's build left, as its layout
+    # is the same.
+    portable = "-DPYLLAMA_MTP_PORTABLE=ON" if "PYLLAMA_MTP_PORTABLE=ON" in os.environ.get("CMAKE_ARGS", "") else ""
+    env = {**os.environ, "CMAKE_ARGS": portable, "CCACHE_BASEDIR": "/"}
     out = tmp_path / "from-sdist"
     run(*offline, sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-index", "--find-links", wheelhouse,
         "-w", out, tmp_path / root, cwd=tmp_path, env=env)

@@ -86,12 +86,20 @@ def add_rpc_server(endpoint: str) -> None:
 
 
 def system_info() -> dict[str, Any]:
-    """Versions, the llama.cpp commit, compiled backends, devices and CPU features."""
+    """Versions, the llama.cpp commit, compiled backends, devices and CPU features.
+
+    ``cpu_variant`` says which CPU kernels run: in a portable build (backends loaded at
+    run time, ``backend_loading == "dynamic"``) the variant chosen for this CPU, such as
+    ``"haswell"`` or ``"zen4"``; ``"native"`` for a build tuned to the machine that
+    compiled it. ``cpu_features`` lists the instruction sets that variant was built for.
+    """
     return {
         "version": __version__,
         "shim_version": _lowlevel.shim_version(),
         "llama_cpp_commit": _lowlevel.llama_commit(),
         "backends": _lowlevel.compiled_backends(),
+        "backend_loading": _lowlevel.backend_loading(),
+        "cpu_variant": _lowlevel.cpu_variant(),
         "devices": [device.__dict__ for device in _lowlevel.devices()],
         "cpu_features": _lowlevel.cpu_features(),
     }

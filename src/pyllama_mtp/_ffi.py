@@ -71,6 +71,12 @@ def _init_once() -> None:
     # Route logs before the backends initialise, so their start-up chatter is caught too.
     lib.llama_log_set(lib.pmtp_py_log, ffi.NULL)
     lib.pmtp_common_log_pause()
+    # A portable build's backends are modules beside the shim: load them from there
+    # first (llama_backend_init would look in Python's folder and the current directory).
+    if lib.pmtp_backends_load() != lib.PMTP_OK:
+        raise ImportError(
+            "pyllama_mtp: no CPU backend could be loaded from the package's lib folder; "
+            "the installation is incomplete: reinstall pyllama_mtp")
     lib.llama_backend_init()
 
 

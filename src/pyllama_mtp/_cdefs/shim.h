@@ -9,6 +9,9 @@ const char * pmtp_version(void);
 const char * pmtp_llama_commit(void);
 const char * pmtp_compiled_backends(void);
 
+int32_t pmtp_backends_load(void);
+const char * pmtp_cpu_variant(void);
+const char * pmtp_backend_loading(void);
 int32_t pmtp_rpc_add_server(const char * endpoint);
 
 int32_t pmtp_decode_tokens(struct llama_context * ctx, int32_t n, const llama_token * tokens,

@@ -21,8 +21,10 @@ from .system import (
     QUANT_TYPES,
     DeviceInfo,
     add_rpc_server,
+    backend_loading,
     compiled_backends,
     cpu_features,
+    cpu_variant,
     default_threads,
     devices,
     llama_commit,
@@ -32,8 +34,8 @@ from .system import (
 
 __all__ = [
     "ContextConfig", "NativeChatTemplates", "NativeContext", "NativeModel", "NativeSampler", "NativeSpeculative",
-    "PMTP_DRAFT_REST", "PMTP_MAX_DRAFT_CAPACITY", "QUANT_TYPES", "DeviceInfo", "add_rpc_server", "check_status",
-    "chat_parse", "compiled_backends", "cpu_features", "default_threads", "devices", "json_schema_to_grammar",
+    "PMTP_DRAFT_REST", "PMTP_MAX_DRAFT_CAPACITY", "QUANT_TYPES", "DeviceInfo", "add_rpc_server", "backend_loading",
+    "check_status", "chat_parse", "compiled_backends", "cpu_features", "cpu_variant", "default_threads", "devices", "json_schema_to_grammar",
     "llama_commit",
     "monotonic_us", "quantize", "shim_version",
 ]

@@ -27,6 +27,14 @@ def cpu_features() -> str:
     return c_string(lib.llama_print_system_info())
 
 
+def cpu_variant() -> str:
+    return c_string(lib.pmtp_cpu_variant())
+
+
+def backend_loading() -> str:
+    return c_string(lib.pmtp_backend_loading())
+
+
 @dataclass(frozen=True)
 class DeviceInfo:
     """One device a compiled backend sees."""
