@@ -35,7 +35,7 @@ path, repack, tokens, threads = sys.argv[2], sys.argv[3] == "1", int(sys.argv[4]
 with Model.load(path, repack=repack) as model:
     with model.context(n_ctx=64) as ctx:
         buffers = sorted({e["buffer_type"] for e in ctx.memory_breakdown() if e["model"]})
-    result = measure.plain(model, model.tokenize("The quick brown fox"), tokens, threads=threads, n_ctx=512)
+    result = measure.plain(model, model.tokenize("The quick brown fox"), tokens, threads=threads, n_ctx=tokens + 64)
 print(json.dumps({"tps": result["tps"], "variant": pyllama_mtp.system_info()["cpu_variant"], "buffers": buffers}))
 """
 
@@ -59,7 +59,9 @@ def main() -> int:
     def case(build: str, python: str, ftype: str, repack: bool):
         def run() -> dict:
             out = subprocess.run([python, "-c", WORKER, here, str(models[ftype]), str(int(repack)),
-                                  str(args.tokens), str(args.threads)], capture_output=True, text=True, check=True)
+                                  str(args.tokens), str(args.threads)], capture_output=True, text=True)
+            if out.returncode != 0:
+                raise RuntimeError(f"{build} {ftype}: the worker failed: {out.stderr[-2000:]}")
             result = json.loads(out.stdout.splitlines()[-1])
             seen[f"{build} {ftype} repack {'on' if repack else 'off'}"] = result
             return result
