@@ -33,6 +33,18 @@ def pytest_report_header(config):
     return f"pyllama_mtp backend under test: {BACKEND} (lossless runs: {LOSSLESS_TOKENS} tokens)"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``backend_independent("why")`` check what no device changes (files,
+    templates, grammars and text over the decoder's tokens): they run in the CPU run and
+    skip, with their reason, in the runs of other backends."""
+    if BACKEND == "cpu":
+        return
+    for item in items:
+        marker = item.get_closest_marker("backend_independent")
+        if marker is not None:
+            item.add_marker(pytest.mark.skip(reason=f"backend {BACKEND}: {marker.args[0]}; runs in the CPU run"))
+
+
 # Counts that CI's log must show (the damaged-file runs): printed after the test summary.
 _SUMMARY: list[str] = []
 

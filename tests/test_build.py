@@ -15,6 +15,8 @@ import pytest
 import pyllama_mtp
 from pyllama_mtp import _ffi
 
+pytestmark = pytest.mark.backend_independent("the build, its pin and its layout")
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 PROVISION = REPO / "tools" / "provision_llama_cpp.py"
 # The pin as the provisioning script writes it (its one place).

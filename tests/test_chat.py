@@ -11,6 +11,10 @@ from chat_cases import CONVERSATIONS, QWEN_SPECIALS, template_source
 from helpers import EXACT
 from pyllama_mtp import LLM, InvalidArgumentError, Model, Sampler, TextStream, parse_chat_output
 
+pytestmark = pytest.mark.backend_independent(
+    "templates, stops and text over the decoder's tokens; the decoder's tokens "
+    "on each device are test_speculative's")
+
 N_TOKENS = 60
 SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 99},
                                            "ok": {"type": "boolean"}}, "required": ["n", "ok"]}
@@ -37,15 +41,8 @@ def make_llm(model, n_draft=3):
     return LLM(model, n_ctx=4096, n_draft=n_draft, **EXACT)
 
 
-def exact_backend_only(backend_name):
-    if backend_name != "cpu":
-        pytest.skip(f"backend {backend_name}: exact token equality is checked on the CPU run; batched "
-                    "arithmetic elsewhere flips near-ties")
-
-
 @pytest.mark.parametrize("n_draft", [1, 2, 3, 4])
-def test_greedy_chat_is_plain_decoding(chat_model_path, n_draft, backend_name):
-    exact_backend_only(backend_name)
+def test_greedy_chat_is_plain_decoding(chat_model_path, n_draft):
     messages = CONVERSATIONS["system_turns"]
     with Model.load(chat_model_path()) as model, make_llm(model, n_draft) as llm:
         rendered = model.chat_template.render(messages)
@@ -59,8 +56,7 @@ def test_greedy_chat_is_plain_decoding(chat_model_path, n_draft, backend_name):
 
 
 @pytest.mark.parametrize("n_draft", [1, 2, 3, 4])
-def test_json_schema_answer_is_plain_constrained_decoding(chat_model_path, n_draft, backend_name):
-    exact_backend_only(backend_name)
+def test_json_schema_answer_is_plain_constrained_decoding(chat_model_path, n_draft):
     messages = CONVERSATIONS["single"]
     response_format = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMA}}
     with Model.load(chat_model_path()) as model, make_llm(model, n_draft) as llm:
@@ -74,8 +70,7 @@ def test_json_schema_answer_is_plain_constrained_decoding(chat_model_path, n_dra
 
 
 @pytest.mark.parametrize("n_draft", [1, 2, 3, 4])
-def test_stop_string_ends_the_answer_exactly(chat_model_path, n_draft, backend_name):
-    exact_backend_only(backend_name)
+def test_stop_string_ends_the_answer_exactly(chat_model_path, n_draft):
     messages = CONVERSATIONS["single"]
     with Model.load(chat_model_path()) as model, make_llm(model, n_draft) as llm:
         rendered = model.chat_template.render(messages, enable_thinking=False)

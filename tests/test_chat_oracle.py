@@ -20,6 +20,8 @@ from chat_cases import CONVERSATIONS, MTP_TEMPLATES, TOOLS, llama_cpp_tree, temp
 from pyllama_mtp import ChatTemplate, Model
 from test_native_oracle import native_tool
 
+pytestmark = pytest.mark.backend_independent("prompt rendering by llama.cpp's chat layer, on the CPU")
+
 
 def free_port() -> int:
     with socket.socket() as probe:

@@ -10,6 +10,8 @@ import pytest
 from chat_cases import CONVERSATIONS, MTP_TEMPLATES, QWEN_SPECIALS, TOOL_CALL, TOOLS, template_source
 from pyllama_mtp import ChatTemplate, InvalidArgumentError, LlamaError, Model, parse_chat_output
 
+pytestmark = pytest.mark.backend_independent("prompt rendering and parsing by llama.cpp's chat layer, on the CPU")
+
 # What ends an assistant turn in the families whose end is a marker of its own (the model
 # emits it as an end-of-generation token; it is never part of the parsed text).
 TURN_ENDS = ("<|im_end|>", "<｜end▁of▁sentence｜>")

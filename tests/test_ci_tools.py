@@ -8,6 +8,8 @@ import pathlib
 
 import pytest
 
+pytestmark = pytest.mark.backend_independent("CI's crash triage")
+
 SCRIPT = pathlib.Path(__file__).resolve().parent.parent / ".ci" / "classify_crash.py"
 if not SCRIPT.is_file():
     pytest.skip("not a source checkout", allow_module_level=True)

@@ -8,6 +8,9 @@ import pytest
 
 from pyllama_mtp import Model, NoMTPError, fixtures
 
+pytestmark = pytest.mark.backend_independent(
+    "the fixture generator writes files; its calibration is measured on the CPU")
+
 
 def _reader(path):
     return gguf.GGUFReader(str(path))

@@ -14,6 +14,10 @@ from pyllama_mtp import InvalidArgumentError, Model, ModelLoadError, Speculative
 from helpers import EXACT as CTX
 from helpers import PROMPT, plain_greedy
 
+pytestmark = pytest.mark.backend_independent(
+    "GGUF file tools; a grafted model's tokens are compared with the original's "
+    "on one device")
+
 
 def greedy_with_mtp(path, n_tokens=150):
     with Model.load(path) as model, \

@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+pytestmark = pytest.mark.backend_independent("the GPU check's plan")
+
 SCRIPT = pathlib.Path(__file__).resolve().parent.parent / "tools" / "gpu_check.sh"
 if not SCRIPT.is_file():
     pytest.skip("not a source checkout", allow_module_level=True)

@@ -13,6 +13,8 @@ import pytest
 
 from pyllama_mtp import LlamaError, Model, ModelLoadError, _preflight
 
+pytestmark = pytest.mark.backend_independent("the pre-flight helper runs on the CPU whatever the model's device")
+
 
 @pytest.fixture
 def fresh_copy(model_path, tmp_path):

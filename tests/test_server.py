@@ -29,11 +29,9 @@ SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0
                                            "ok": {"type": "boolean"}}, "required": ["n", "ok"]}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cpu_run_only(backend_name):
-    if backend_name != "cpu":
-        pytest.skip(f"backend {backend_name}: the server process uses llama.cpp's default devices and its "
-                    "HTTP layer does not depend on the backend; the server tests run in the CPU run")
+pytestmark = pytest.mark.backend_independent(
+    "the server process uses llama.cpp's default devices and its HTTP layer does not "
+    "depend on the backend")
 
 
 def _free_port() -> int:

@@ -9,6 +9,8 @@ import pytest
 
 from pyllama_mtp.stops import StopMatcher
 
+pytestmark = pytest.mark.backend_independent("stop strings over text")
+
 
 def stream(pieces, stops):
     matcher = StopMatcher(stops)

@@ -23,7 +23,7 @@ import pytest
 import pyllama_mtp
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.backend_independent("the wheel is built and tested once")]
 
 
 def run(*args, cwd, timeout=1800, env=None):
@@ -38,10 +38,8 @@ def run(*args, cwd, timeout=1800, env=None):
 
 
 @pytest.fixture(scope="module")
-def repo_wheel(tmp_path_factory, backend_name):
+def repo_wheel(tmp_path_factory):
     """``pip wheel .`` of the source tree (the persistent build folder makes it quick)."""
-    if backend_name != "cpu":
-        pytest.skip(f"backend {backend_name}: the wheel is built and tested once, in the CPU run")
     dist = tmp_path_factory.mktemp("dist")
     run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-w", dist, REPO, cwd=dist)
     wheels = list(dist.glob("pyllama_mtp-*.whl"))
