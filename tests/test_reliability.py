@@ -230,10 +230,13 @@ def test_ctrl_c_stops_a_long_decode_within_the_call(interrupt_case, logit_tolera
     assert result["error"] <= logit_tolerance, result
 
 
-def test_load_decode_close_cycles_keep_memory_flat(model_path):
+def test_load_decode_close_cycles_keep_memory_flat(model_path, backend_name):
     psutil = pytest.importorskip("psutil")
     process = psutil.Process()
     path = model_path("qwen35")
+    # 200 cycles on the CPU; 50 on other backends (a cycle there costs about 1 s on llvmpipe),
+    # which still shows a leak of a third of a MiB per cycle.
+    cycles = 200 if backend_name == "cpu" else 50
 
     def cycle():
         with Model.load(path) as model, SpeculativeDecoder.create(model, n_ctx=256, n_draft=2, n_threads=1) as dec:
@@ -242,10 +245,10 @@ def test_load_decode_close_cycles_keep_memory_flat(model_path):
     for _ in range(20):
         cycle()
     baseline = process.memory_info().rss
-    for _ in range(200):
+    for _ in range(cycles):
         cycle()
     growth = process.memory_info().rss - baseline
-    assert growth < 16 << 20, f"resident memory grew by {growth / 2**20:.1f} MiB over 200 cycles"
+    assert growth < 16 << 20, f"resident memory grew by {growth / 2**20:.1f} MiB over {cycles} cycles"
 
 
 # -- damaged model files -------------------------------------------------------------
