@@ -54,9 +54,8 @@ def test_quantized_models_generate_plain_and_with_mtp(quantized, backend_name):
     assert diverged is None or reference.margins[diverged] < QUANTIZED_TIE, (diverged, reference.margins[diverged])
 
 
-def test_repacking_can_be_turned_off(model_path, tmp_path, monkeypatch, backend_name):
-    if backend_name != "cpu":
-        pytest.skip(f"backend {backend_name}: repacking concerns weights kept on the CPU")
+@pytest.mark.backend_independent("repacking concerns weights kept on the CPU")
+def test_repacking_can_be_turned_off(model_path, tmp_path, monkeypatch):
     path = tmp_path / "q4_k_m.gguf"
     quantize(model_path("qwen35", n_embd=256), path, "q4_k_m")
     with Model.load(path) as model:

@@ -84,7 +84,7 @@ def long_batch(model):
 
 @pytest.mark.backend_independent(
     "cffi releases the GIL around every C call whatever the device (on llvmpipe this "
-    "test's five 512-token batches took over 10 minutes)")
+    "test's five 512-token batches took about 9.5 minutes)")
 def test_gil_is_released_during_decoding(wide_model):
     """A Python thread keeps counting while C decodes: the count moves inside each call."""
     counter = [0]

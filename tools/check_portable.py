@@ -49,18 +49,16 @@ MNEMONIC_EXTENSION = {name: ext for ext, names in EXTENSIONS.items() for name in
 # VEX/EVEX-encoded (AVX and later) instructions all start with "v"; these do not.
 NOT_VEX = {"verr", "verw", "vmcall", "vmlaunch", "vmresume", "vmxoff", "vmxon", "vmread",
            "vmwrite", "vmptrld", "vmptrst", "vmclear", "vmfunc"}
-# AT&T size suffixes objdump may add to a mnemonic (popcntq, movbel, crc32 keeps its own).
-SUFFIXED = re.compile(r"^(popcnt|lzcnt|andn|bextr|blsi|blsmsk|blsr|bzhi|mulx|pdep|pext|rorx|sarx|shlx|shrx"
-                      r"|adcx|adox|movbe)[bwlq]$")
 INSTRUCTION = re.compile(r"^\s*[0-9a-f]+:\s+(?:(?:rex\S*|lock|rep\w*|notrack|bnd|data16|addr32|\{\w+\})\s+)*"
                          r"([a-z][a-z0-9.]*)\s*(.*)$")
 
 
 def extension_of(mnemonic: str, operands: str) -> str | None:
     """The extension beyond the baseline an instruction needs, or None."""
-    base = SUFFIXED.sub(r"\1", mnemonic)
-    if base in MNEMONIC_EXTENSION:
-        return MNEMONIC_EXTENSION[base]
+    # objdump may add an AT&T size suffix (popcntq, movbel); crc32 keeps its own.
+    for name in (mnemonic, mnemonic[:-1] if mnemonic[-1:] in "bwlq" else None):
+        if name in MNEMONIC_EXTENSION:
+            return MNEMONIC_EXTENSION[name]
     if mnemonic.startswith("v") and mnemonic not in NOT_VEX:
         return "AVX-512" if re.search(r"%zmm|%k[0-7]|\{", operands) else "AVX/AVX2/FMA/F16C"
     if "%ymm" in operands or "%zmm" in operands:
