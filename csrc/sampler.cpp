@@ -7,6 +7,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
+#include <stdexcept>
+#include <vector>
 
 namespace pmtp {
 namespace {
@@ -91,6 +94,12 @@ common_params_sampling chain_params(const pmtp_sampling_params & params, const c
 
 llama_token sample_target(pmtp_sampler & smp, llama_context * ctx, int32_t idx, std::vector<float> * probs) {
     const llama_token id = common_sampler_sample(smp.target.get(), ctx, idx, /* grammar_first */ true);
+    const llama_token_data_array * chosen = common_sampler_get_candidates(smp.target.get(), false);
+    if (chosen->selected < 0 || chosen->data[chosen->selected].logit == -INFINITY) {
+        // The grammar allows none of the model's tokens here. Accepting the token anyway
+        // aborts the process in llama.cpp when it is an end-of-generation token.
+        throw std::invalid_argument("the grammar allows none of the model's tokens at this point");
+    }
     if (smp.greedy() && probs == nullptr) {
         return id;
     }
@@ -159,7 +168,7 @@ int32_t pmtp_sampler_new(const llama_model * model, const pmtp_sampling_params *
         !(params->top_p > 0.0f && params->top_p <= 1.0f) || !(params->min_p >= 0.0f && params->min_p < 1.0f)) {
         return pmtp::fail(error, PMTP_ERR_ARGUMENT, "invalid sampling parameters");
     }
-    return pmtp::guarded([&] {
+    return pmtp::on_own_stack(pmtp::compile_stack_bytes, [&] { return pmtp::guarded([&] {
         const common_json constraint = constraint_json != nullptr && constraint_json[0] != '\0'
             ? common_json::parse(constraint_json) : common_json();
         auto smp = std::make_unique<pmtp_sampler>();
@@ -175,7 +184,7 @@ int32_t pmtp_sampler_new(const llama_model * model, const pmtp_sampling_params *
         }
         *out = smp.release();
         return (int32_t) PMTP_OK;
-    }, error, PMTP_ERR_ARGUMENT);  // a grammar or JSON that does not parse
+    }, error, PMTP_ERR_ARGUMENT); });  // a grammar or JSON that does not parse
 }
 
 void pmtp_sampler_free(pmtp_sampler * sampler) {
@@ -188,13 +197,54 @@ int32_t pmtp_sampler_sample(pmtp_sampler * sampler, llama_context * ctx, int32_t
         return PMTP_ERR_ARGUMENT;  // a sampler made for another model's vocabulary
     }
     return pmtp::guarded([&] {
-        if (llama_get_logits_ith(ctx, idx) == nullptr) {
+        const float * logits = llama_get_logits_ith(ctx, idx);
+        if (logits == nullptr) {
             return (int32_t) PMTP_ERR_ARGUMENT;
+        }
+        if (!pmtp::all_finite(logits, sampler->n_vocab)) {
+            return (int32_t) PMTP_ERR_NONFINITE;  // NaN / Inf: no choice would mean anything
         }
         *out = pmtp::sample_target(*sampler, ctx, idx, nullptr);
         pmtp::accept(*sampler, *out);
         return (int32_t) PMTP_OK;
-    });
+    }, nullptr, PMTP_ERR_ARGUMENT);  // a grammar with no way on
+}
+
+int32_t pmtp_grammar_trial(const llama_model * model, const char * gbnf, int32_t n_steps, uint32_t seed,
+                           char ** error) {
+    if (model == nullptr || gbnf == nullptr || n_steps < 0) {
+        return PMTP_ERR_ARGUMENT;
+    }
+    const llama_vocab * vocab = llama_model_get_vocab(model);
+    return pmtp::on_own_stack(pmtp::compile_stack_bytes, [&] { return pmtp::guarded([&] {
+        std::unique_ptr<llama_sampler, decltype(&llama_sampler_free)> grammar(
+            llama_sampler_init_grammar(vocab, gbnf, "root"), &llama_sampler_free);
+        if (!grammar) {
+            return pmtp::fail(error, PMTP_ERR_ARGUMENT, "llama.cpp could not parse the grammar");
+        }
+        const int32_t n_vocab = llama_vocab_n_tokens(vocab);
+        std::vector<llama_token_data> cur(n_vocab);
+        std::mt19937 rng(seed);
+        std::uniform_real_distribution<float> logit(0.0f, 1.0f);
+        for (int32_t step = 0; step < n_steps; step++) {
+            for (llama_token id = 0; id < n_vocab; id++) {
+                cur[id] = llama_token_data{id, logit(rng), 0.0f};
+            }
+            llama_token_data_array cand = {cur.data(), cur.size(), -1, false};
+            llama_sampler_apply(grammar.get(), &cand);
+            llama_token best = -1;
+            for (size_t i = 0; i < cand.size; i++) {
+                if (cand.data[i].logit != -INFINITY && (best < 0 || cand.data[i].logit > cur[best].logit)) {
+                    best = cand.data[i].id;
+                }
+            }
+            if (best < 0 || llama_vocab_is_eog(vocab, best)) {
+                break;  // no way on (a clean error when generating) or done
+            }
+            llama_sampler_accept(grammar.get(), best);
+        }
+        return (int32_t) PMTP_OK;
+    }, error, PMTP_ERR_ARGUMENT); });
 }
 
 void pmtp_sampler_reset(pmtp_sampler * sampler) {

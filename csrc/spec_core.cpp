@@ -363,10 +363,13 @@ int32_t draft(pmtp_spec & s, const int32_t * n_max, float p_min) {
                 status = PMTP_ERR_INTERNAL;
                 break;
             }
+            i_last[seq] = -1;
+            if (!all_finite(logits, s.n_vocab)) {
+                continue;  // a broken head drafts no further: the target decides alone
+            }
             llama_token id;
             float p, p_top;
             choose_draft(s, q, logits, p_min, id, p, p_top);
-            i_last[seq] = -1;
             if (p_top < p_min) {
                 continue;
             }
@@ -452,7 +455,7 @@ int32_t verify(pmtp_spec & s) {
             if (logits == nullptr) {
                 return PMTP_ERR_INTERNAL;
             }
-            q.verify_choice[i] = argmax(logits, s.n_vocab);
+            q.verify_choice[i] = all_finite(logits, s.n_vocab) ? argmax(logits, s.n_vocab) : -1;
         }
     }
     return PMTP_OK;

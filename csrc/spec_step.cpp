@@ -25,6 +25,9 @@ llama_token sampler_acceptance(pmtp_spec & s, const pmtp_seq & q, int32_t & k) {
     const int32_t n_draft = (int32_t) q.draft.size();
     const bool rule_sampling = !smp.greedy() && !smp.params.exact_match;
     for (k = 0;; k++) {
+        if (q.verify_choice[k] < 0) {
+            return -1;  // NaN / Inf in the row to choose from
+        }
         const llama_token t = pmtp::sample_target(smp, s.tgt, q.verify_beg + k, rule_sampling ? &smp.p : nullptr);
         const llama_token x = k < n_draft ? q.draft[k] : -1;
         llama_token chosen = t;
@@ -116,6 +119,7 @@ int32_t step_each(pmtp_spec & s, const int32_t * n_draft_each, float p_min, llam
     const int32_t n_ctx = (int32_t) llama_n_ctx_seq(s.tgt);
     int32_t n_draft = 0;  // the longest MTP draft asked for
     for (llama_seq_id seq = 0; seq < s.n_seq; seq++) {
+        s.seqs[seq].nonfinite_at = -1;
         out_counts[seq] = 0;
         if (out_drafted) {
             out_drafted[seq] = 0;
@@ -134,6 +138,7 @@ int32_t step_each(pmtp_spec & s, const int32_t * n_draft_each, float p_min, llam
     if (st != PMTP_OK) {
         return st;
     }
+    bool nonfinite = false;
     for (llama_seq_id seq = 0; seq < s.n_seq; seq++) {
         pmtp_seq & q = s.seqs[seq];
         if (!q.active || q.verify_rows <= 0) {
@@ -145,9 +150,22 @@ int32_t step_each(pmtp_spec & s, const int32_t * n_draft_each, float p_min, llam
             next = sampler_acceptance(s, q, k);
         } else {
             while (k < (int32_t) q.draft.size() && q.verify_choice[k] == q.draft[k]) {
-                k++;
+                k++;  // a NaN row's -1 never equals a draft: it is where acceptance stops
             }
             next = q.verify_choice[k];
+        }
+        if (next < 0) {
+            // Nothing of this step is kept for the sequence; the others go on.
+            q.nonfinite_at = q.n_past + k;
+            st = rollback(s, seq, q.n_past);
+            q.verify_rows = 0;
+            q.verify_choice.clear();
+            q.clear_draft();
+            nonfinite = true;
+            if (st != PMTP_OK) {
+                return st;
+            }
+            continue;
         }
         llama_token * out = out_tokens + (size_t) seq * stride;
         std::copy(q.draft.begin(), q.draft.begin() + k, out);
@@ -159,6 +177,64 @@ int32_t step_each(pmtp_spec & s, const int32_t * n_draft_each, float p_min, llam
         st = accept(s, seq, k, next);
         if (st != PMTP_OK) {
             return st;
+        }
+    }
+    return nonfinite ? PMTP_ERR_NONFINITE : PMTP_OK;
+}
+
+namespace {
+
+// Forget every sequence and clear both memories, data included: a freed cell's NaN would
+// survive llama.cpp's re-initialisation (a scale by zero).
+void clear_all(pmtp_spec & s) {
+    for (llama_seq_id seq = 0; seq < s.n_seq; seq++) {
+        reset(s, seq);
+    }
+    llama_memory_clear(llama_get_memory(s.tgt), true);
+    if (s.heads->own_memory()) {
+        llama_memory_clear(llama_get_memory(s.dft), true);
+    }
+}
+
+}  // namespace
+
+int32_t rebuild(pmtp_spec & s) {
+    std::vector<std::vector<llama_token>> keep(s.n_seq);
+    std::vector<llama_pos> at(s.n_seq, -1);
+    for (llama_seq_id seq = 0; seq < s.n_seq; seq++) {
+        if (s.seqs[seq].active) {
+            keep[seq] = s.seqs[seq].history;  // its pending token last
+        }
+        at[seq] = s.seqs[seq].nonfinite_at;
+    }
+    std::vector<char> source(s.n_seq, 0);
+    bool found = false;
+    for (llama_seq_id seq = 0; seq < s.n_seq; seq++) {
+        if (at[seq] < 0 || keep[seq].empty()) {
+            continue;
+        }
+        clear_all(s);  // alone: nothing of another sequence can reach it
+        int32_t st = prefill(s, seq, keep[seq].data(), (int32_t) keep[seq].size());
+        st = st == PMTP_OK ? verify(s) : st;
+        if (st != PMTP_OK) {
+            return st;
+        }
+        const std::vector<llama_token> & choice = s.seqs[seq].verify_choice;
+        source[seq] = choice.empty() || choice[0] < 0;
+        found = found || source[seq];
+    }
+    clear_all(s);
+    for (llama_seq_id seq = 0; seq < s.n_seq; seq++) {
+        // No source alone: the NaN needs several together; failing them all ends the loop.
+        if (at[seq] >= 0 && (source[seq] || !found)) {
+            s.seqs[seq].nonfinite_at = at[seq];
+            continue;
+        }
+        if (!keep[seq].empty()) {
+            const int32_t st = prefill(s, seq, keep[seq].data(), (int32_t) keep[seq].size());
+            if (st != PMTP_OK) {
+                return st;
+            }
         }
     }
     return PMTP_OK;

@@ -152,6 +152,17 @@ int32_t pmtp_spec_verify_row(const pmtp_spec * s, llama_seq_id seq, int32_t row)
     return s->seqs[seq].verify_beg + row;
 }
 
+int32_t pmtp_spec_nonfinite_at(const pmtp_spec * s, llama_seq_id seq) {
+    return valid_seq(s, seq) ? s->seqs[seq].nonfinite_at : PMTP_ERR_ARGUMENT;
+}
+
+int32_t pmtp_spec_rebuild(pmtp_spec * s) {
+    if (s == nullptr) {
+        return PMTP_ERR_ARGUMENT;
+    }
+    return guarded([&] { return pmtp::spec::rebuild(*s); });
+}
+
 int32_t pmtp_spec_target_choices(const pmtp_spec * s, llama_seq_id seq, llama_token * out, int32_t capacity) {
     if (!valid_seq(s, seq) || capacity < 0 || (capacity > 0 && out == nullptr)) {
         return PMTP_ERR_ARGUMENT;

@@ -118,7 +118,7 @@ def test_a_resting_drafter_changes_nothing_and_drafts_again(model_path, arch, ba
             for step in range(200):
                 # Sequence 0 rests in bursts, sequence 1 every other step; both draft between.
                 lengths = [rest if (step // 5) % 2 else 3, rest if step % 2 else 2]
-                tokens, counts, verified = native.step_each(lengths, 0.0)
+                tokens, counts, verified, _ = native.step_each(lengths, 0.0)
                 for seq in range(2):
                     outputs[seq] += tokens[seq, :counts[seq]].tolist()
                 drafted += int(np.maximum(verified, 0).sum())

@@ -181,7 +181,7 @@ class Preflight:
             return None
         if -child.returncode in _OUTSIDE_SIGNALS:
             raise _Unfinished(f"{self.path}: llama.cpp's trial run was stopped from outside "
-                              f"({_signal_name(child.returncode)}; out of memory?)")
+                              f"({signal_name(child.returncode)}; out of memory?)")
         stages = [line[6:] for line in child.stdout.splitlines() if line.startswith("stage ")]
         stage = stages[-1] if stages else "load"
         kind = "context" if stage.startswith("context") else "compute" if stage == "compute" else "load"
@@ -194,7 +194,7 @@ class Preflight:
             return "compute", f"llama.cpp cannot compute with {self.path}: {reason}"
         doing = {"compute": "loading the model and computing with it once", "context": f"building the graphs of {stage}"}
         return ("compute-died" if kind == "compute" else kind), (
-            f"{self.path}: llama.cpp would end the process ({_signal_name(child.returncode)} while "
+            f"{self.path}: llama.cpp would end the process ({signal_name(child.returncode)} while "
             f"{doing.get(kind, 'loading the model')}; found by a trial run in a child process): {reason}")
 
 
@@ -217,7 +217,8 @@ def _reason(stderr: str) -> str:
     return "no message from llama.cpp"
 
 
-def _signal_name(returncode: int) -> str:
+def signal_name(returncode: int) -> str:
+    """A child's death as a person reads it: SIGSEGV, or the exit status."""
     if returncode < 0:
         try:
             return signal.Signals(-returncode).name

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence, Union
 
 from .chat_template import RenderedChat, parse_chat_output
-from .errors import InvalidArgumentError, LlamaError
+from .errors import InvalidArgumentError, LlamaError, ModelLoadError
 from .generation import TextStream, check_sampling
 from .grammar import Grammar, GrammarLike, as_grammar
 from .stops import StopMatcher
@@ -123,6 +123,15 @@ def _schema_of(response_format: Optional[Mapping[str, Any]]) -> Optional[Any]:
     if kind == "json_schema":
         return (response_format.get("json_schema") or {}).get("schema") or {"type": "object"}
     raise InvalidArgumentError(f"response_format type must be 'text', 'json_object' or 'json_schema', got {kind!r}")
+
+
+def check_chat_template(model: Any) -> None:
+    """ModelLoadError at load time, not at the first chat request, for a model whose chat
+    template cannot render a one-message conversation (it loops, recurses or fails)."""
+    try:
+        model.chat_template.check()
+    except LlamaError as error:
+        raise ModelLoadError(f"{model.path}: the model's chat template cannot be used: {error}") from None
 
 
 def prepare_chat(model: Any, messages: Sequence[Mapping[str, Any]], *,

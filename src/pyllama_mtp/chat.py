@@ -13,9 +13,9 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 from ._resource import Resource
 from .answer import (ChatDelta, ChatOutput, ChatResponse, Completion, Prompt, Sampling, Stop, TokenOutput, Usage,
-                     prepare_chat, prepare_completion, token_budget)
+                     check_chat_template, prepare_chat, prepare_completion, token_budget)
 from .chat_template import RenderedChat
-from .errors import StateError
+from .errors import NonFiniteLogitsError, StateError
 from .grammar import GrammarLike
 from .model import Model
 from .speculative import SpeculativeDecoder
@@ -36,6 +36,7 @@ class LLM(Resource):
     def __init__(self, model: Model, *, n_ctx: int = 4096, n_draft: int = 3, adaptive: bool = False,
                  n_threads: Optional[int] = None, n_batch: int = 512, flash_attn: Optional[bool] = None) -> None:
         self.model = model
+        check_chat_template(model)
         self.decoder = SpeculativeDecoder.create(model, n_ctx=n_ctx, n_draft=n_draft, adaptive=adaptive,
                                                  n_threads=n_threads, n_batch=n_batch, flash_attn=flash_attn)
         self._owned_model: Optional[Model] = None
@@ -145,6 +146,9 @@ class _Run:
             tail = output.close()
             if tail:
                 yield tail
+        except NonFiniteLogitsError:
+            llm._held = []  # the decoder forgot the sequence
+            raise
         finally:
             after = decoder.stats
             self.usage = Usage(len(self.prompt.tokens), output.produced, reused, after.drafted - before.drafted,

@@ -1,5 +1,7 @@
 """Chat templates as llama.cpp renders them (``llama-server --jinja``): its own Jinja
 engine and per-family output parsers, reached through the shim (``csrc/chat.cpp``).
+Templates are loaded and rendered in the text sandbox (``_sandbox``), a child process,
+so a template that loops, recurses or grows without end costs a clean error.
 
 Nothing here renders or parses in Python: upstream keeps each model family's template
 quirks and tool-call formats current, and the binding follows its pin.
@@ -7,13 +9,12 @@ quirks and tool-call formats current, and the binding follows its pin.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
-from . import _lowlevel
-from ._resource import Resource, native_handle
-from .errors import InvalidArgumentError
+from . import _lowlevel, _sandbox
+from ._resource import Resource
+from .errors import ClosedError, InvalidArgumentError
 from .grammar import Grammar
 
 __all__ = ["ChatTemplate", "RenderedChat"]
@@ -49,18 +50,25 @@ class ChatTemplate(Resource):
     def __init__(self, source: Optional[str] = None, *, model: Any = None) -> None:
         if model is None and not source:
             raise InvalidArgumentError("a chat template needs its Jinja source (or use model.chat_template)")
-        native_model = native_handle(model) if model is not None else None
-        with native_model.lock if native_model is not None else contextlib.nullcontext():
-            self._native = _lowlevel.NativeChatTemplates(native_model, source)
-        info = self._native.info()
+        if source is not None and not isinstance(source, str):
+            raise InvalidArgumentError(f"a chat template's source is text, got {type(source).__name__}")
+        # Loaded and rendered in the text sandbox only (see _sandbox): a template is code,
+        # and one that loops or recurses must not take this process with it. The sandbox
+        # reads the model's vocabulary from its file for the BOS and EOS text.
+        self._model_path: Optional[str] = model.path if model is not None else None
+        self._source = source or None
+        info = self._call("template_info", "loading the chat template")
         self.source: str = info["source"]
         self.tool_use_source: Optional[str] = info["tool_use_source"]
         self.supports_thinking: bool = bool(info["supports_thinking"])
         self.caps: dict[str, bool] = dict(info["caps"])
         self._mark_open()
 
+    def _call(self, op: str, what: str, **args: Any) -> Any:
+        return _sandbox.run(op, what, model=self._model_path, source=self._source, **args)
+
     def _release(self) -> None:
-        self._native.free()
+        pass  # nothing native is held in this process
 
     def render(self, messages: Sequence[Message], *, tools: Optional[Sequence[Mapping[str, Any]]] = None,
                tool_choice: Optional[str] = None, add_generation_prompt: bool = True,
@@ -92,13 +100,20 @@ class ChatTemplate(Resource):
             request["parallel_tool_calls"] = bool(parallel_tool_calls)
         if template_kwargs:
             request["chat_template_kwargs"] = template_kwargs
-        out = self._live_native().apply(request)
+        if self.closed:
+            raise ClosedError("this chat template is closed")
+        out = self._call("render", "rendering the chat template", request=request)
         parser_state = {key: out[key] for key in ("format", "generation_prompt", "parser", "reasoning_format",
                                                   "parse_tool_calls")}
         return RenderedChat(prompt=out["prompt"], stops=tuple(out["additional_stops"]),
                             grammar=Grammar.from_chat(out), generation_prompt=out["generation_prompt"],
                             preserved_tokens=tuple(out["preserved_tokens"]), format_name=out["format_name"],
                             _parser_state=parser_state)
+
+    def check(self) -> None:
+        """Render a one-message conversation: an error now, rather than at the first
+        request, for a template that cannot render at all (it loops, recurses, fails)."""
+        self.render([{"role": "user", "content": "Hello"}])
 
     def apply(self, messages: Sequence[Message], **kwargs: Any) -> str:
         """The prompt alone (see :meth:`render` for the arguments)."""

@@ -9,7 +9,8 @@ import numpy as np
 
 from . import _lowlevel
 from ._resource import Resource
-from .errors import InvalidArgumentError, NoMTPError, StateError
+from ._args import int_arg
+from .errors import InvalidArgumentError, NoMTPError, NonFiniteLogitsError, StateError
 from .generation import Sampler, generate
 
 if TYPE_CHECKING:  # annotations only: Model imports this module
@@ -131,17 +132,12 @@ class Context(Resource):
         warmup: bool = True,
         _mtp_target: Optional["Context"] = None,
     ) -> None:
-        for name, value in (("n_ctx", n_ctx), ("n_batch", n_batch), ("n_seq_max", n_seq_max)):
-            if not isinstance(value, int) or value <= 0:
-                raise InvalidArgumentError(f"{name} must be a positive int, got {value!r}")
-        n_ubatch = n_batch if n_ubatch is None else n_ubatch
-        if not isinstance(n_ubatch, int) or not 0 < n_ubatch <= n_batch:
-            raise InvalidArgumentError(f"n_ubatch must be in [1, n_batch={n_batch}], got {n_ubatch!r}")
-        if not isinstance(n_rs_seq, int) or not 0 <= n_rs_seq <= 64:
-            raise InvalidArgumentError(f"n_rs_seq must be an int in [0, 64], got {n_rs_seq!r}")
-        for name, value in (("n_threads", n_threads), ("n_threads_batch", n_threads_batch)):
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                raise InvalidArgumentError(f"{name} must be a positive int, got {value!r}")
+        n_ctx, n_batch, n_seq_max = (int_arg(name, value, 1) for name, value in
+                                     (("n_ctx", n_ctx), ("n_batch", n_batch), ("n_seq_max", n_seq_max)))
+        n_ubatch = int_arg("n_ubatch", n_batch if n_ubatch is None else n_ubatch, 1, n_batch)
+        n_rs_seq = int_arg("n_rs_seq", n_rs_seq, 0, 64)
+        n_threads = int_arg("n_threads", n_threads, 1, none=True)
+        n_threads_batch = int_arg("n_threads_batch", n_threads_batch, 1, none=True)
         config = _lowlevel.ContextConfig(
             n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch, n_seq_max=n_seq_max,
             n_rs_seq=n_rs_seq, n_threads=n_threads or 0, n_threads_batch=n_threads_batch or 0,
@@ -159,6 +155,7 @@ class Context(Resource):
         self._embeddings = embeddings
         self._flash_attn = flash_attn
         self._last_outputs = np.zeros(0, dtype=np.int8)
+        self._last_rows = (np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.int32))
         self._output_offset = 0
         native_model = model._adopt(self)  # ClosedError first, before any child process
         try:
@@ -302,6 +299,7 @@ class Context(Resource):
             self._native.decode(batch.tokens[start:], positions[start:], batch.seq_ids[start:],
                                 batch.outputs[start:])
             self._last_outputs = batch.outputs.copy()
+            self._last_rows = (batch.seq_ids, positions)  # who each output is, for errors
             self._output_offset = start  # batch index of the last call's first token
 
     def _next_positions(self, seq_ids: np.ndarray) -> np.ndarray:
@@ -394,7 +392,14 @@ class Context(Resource):
     # -- generation -------------------------------------------------------------------
     def sample(self, sampler: Sampler, index: int = -1) -> int:
         """Choose a token with ``sampler`` from output ``index`` of the last batch."""
-        return sampler._native_sampler(self.model).sample(self._native, self._output_index(index))
+        native = sampler._native_sampler(self.model)
+        row = self._output_index(index)
+        try:
+            return native.sample(self._native, row)
+        except NonFiniteLogitsError:
+            seq_ids, positions = self._last_rows
+            at = row + self._output_offset
+            raise NonFiniteLogitsError({int(seq_ids[at]): int(positions[at])}) from None
 
     def generate(self, prompt: Union[str, Iterable[int]], *, max_tokens: int = 128,
                  sampler: Optional[Sampler] = None, seq_id: int = 0, stop_at_eog: bool = True,

@@ -7,12 +7,15 @@ keeps working.
 
 from __future__ import annotations
 
+from typing import Optional
+
 __all__ = [
     "LlamaError",
     "ModelLoadError",
     "LoadCancelledError",
     "ContextFullError",
     "DecodeError",
+    "NonFiniteLogitsError",
     "AbortedError",
     "InvalidArgumentError",
     "ClosedError",
@@ -40,6 +43,23 @@ class ContextFullError(LlamaError, RuntimeError):
 
 class DecodeError(LlamaError, RuntimeError):
     """llama.cpp failed to evaluate a batch."""
+
+
+class NonFiniteLogitsError(DecodeError):
+    """A row of logits that a token had to be chosen from holds NaN or Inf (broken
+    weights, or an input that overflows them). ``positions`` maps each sequence affected
+    to the position of the token whose logits they are; nothing was produced for those
+    sequences. ``produced``: a speculative step's tokens for every sequence (empty for the
+    affected ones), which the step still made; the decoder then forgets the affected
+    sequences and rebuilds the others' memory (llama.cpp lets NaN left in freed memory
+    reach other sequences). A :class:`Context` user clears its memory (``clear()``)."""
+
+    def __init__(self, positions: "dict[int, int]", produced: "Optional[list[list[int]]]" = None) -> None:
+        where = ", ".join(f"sequence {seq} at position {pos}" for seq, pos in sorted(positions.items()))
+        super().__init__(f"the model's logits hold NaN or Inf{f' ({where})' if where else ''}: no token can "
+                         "be chosen from them")
+        self.positions = dict(positions)
+        self.produced = produced
 
 
 class AbortedError(LlamaError, RuntimeError):

@@ -6,7 +6,8 @@ import codecs
 import threading
 from typing import TYPE_CHECKING, Iterable, Iterator, Optional, Union
 
-from . import _lowlevel
+from . import _lowlevel, _sandbox
+from ._args import int_arg, number_arg
 from ._resource import Resource, native_handle
 from .errors import ClosedError, InvalidArgumentError
 from .grammar import GrammarLike, as_grammar
@@ -22,13 +23,10 @@ if TYPE_CHECKING:  # annotations only: Context imports this module
 
 def check_sampling(temperature: float, top_k: int, top_p: float, min_p: float) -> None:
     """Raise InvalidArgumentError for sampling settings llama.cpp's chain cannot take."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
-        raise InvalidArgumentError(f"temperature must be a number >= 0, got {temperature!r}")
-    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
-        raise InvalidArgumentError(f"top_k must be an int >= 0, got {top_k!r}")
-    if not 0.0 < top_p <= 1.0 or not 0.0 <= min_p < 1.0:
-        raise InvalidArgumentError(
-            f"need 0 < top_p <= 1 and 0 <= min_p < 1 (got top_p={top_p!r}, min_p={min_p!r})")
+    number_arg("temperature", temperature, 0.0, float("inf"), high_open=True)
+    int_arg("top_k", top_k, 0)
+    number_arg("top_p", top_p, 0.0, 1.0, low_open=True)
+    number_arg("min_p", min_p, 0.0, 1.0, high_open=True)
 
 
 class Sampler(Resource):
@@ -63,10 +61,13 @@ class Sampler(Resource):
                    seed: Optional[int] = None) -> _lowlevel.NativeSampler:
         """A new native sampler with these settings (``seed`` replacing this one's, if given)
         for ``model``; the caller owns it."""
+        constraint = self.grammar.constraint() if self.grammar else None
+        if constraint is not None:
+            _sandbox.check_grammar(model.path, constraint)  # a grammar that kills llama.cpp kills the child
         return _lowlevel.NativeSampler(
             native_handle(model), temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
             min_p=self.min_p, seed=self.seed if seed is None else seed, exact_match=exact_match,
-            constraint=self.grammar.constraint() if self.grammar else None)
+            constraint=constraint)
 
     def _native_sampler(self, model: "Model") -> _lowlevel.NativeSampler:
         if self.closed:
@@ -102,8 +103,7 @@ def generate(context: "Context", prompt: Union[str, Iterable[int]], *, max_token
     bounds the whole generation: past it, :class:`DecodeTimeoutError` is raised and every
     token yielded so far is in the context.
     """
-    if not isinstance(max_tokens, int) or max_tokens < 0:
-        raise InvalidArgumentError(f"max_tokens must be a non-negative int, got {max_tokens!r}")
+    max_tokens = int_arg("max_tokens", max_tokens, 0)
     model = context.model
     tokens = model.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
     if not tokens:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Union
 
-from . import _lowlevel
+from . import _sandbox
 from .errors import InvalidArgumentError
 
 __all__ = ["Grammar", "GrammarLike"]
@@ -45,7 +45,8 @@ class Grammar:
         """The grammar of JSON documents that validate against ``schema``."""
         if not isinstance(schema, (Mapping, bool)):
             raise InvalidArgumentError(f"a JSON schema is an object or a bool, got {type(schema).__name__}")
-        return cls(_lowlevel.json_schema_to_grammar(dict(schema) if isinstance(schema, Mapping) else schema))
+        # In the text sandbox: a schema nested deeply enough recurses past llama.cpp's stack.
+        return cls(_sandbox.schema_to_grammar(dict(schema) if isinstance(schema, Mapping) else schema))
 
     @classmethod
     def from_chat(cls, rendered: Mapping[str, Any]) -> Optional["Grammar"]:

@@ -16,9 +16,10 @@ import numpy as np
 
 from . import _lowlevel
 from ._resource import Resource, native_handle
+from ._args import int_arg, number_arg
 from .adaptive import AdaptiveDraft, StepCost, plan_drafts
 from .context import Context, snapshot_bytes, time_limit
-from .errors import ContextFullError, InvalidArgumentError
+from .errors import ContextFullError, InvalidArgumentError, NonFiniteLogitsError
 from .generation import Sampler
 from .grammar import GrammarLike
 from .stats import MemoryReport, SpeculativeStats
@@ -60,15 +61,10 @@ class SpeculativeDecoder(Resource):
         if draft.n_seq_max < target.n_seq_max:
             raise InvalidArgumentError("the draft context must hold as many sequences as the target")
         capacity = _lowlevel.PMTP_MAX_DRAFT_CAPACITY
-        if not isinstance(n_draft, int) or not 1 <= n_draft <= capacity:
-            raise InvalidArgumentError(f"n_draft must be an int in [1, {capacity}], got {n_draft!r}")
-        max_draft = n_draft if max_draft is None else max_draft
-        if not isinstance(max_draft, int) or not n_draft <= max_draft <= capacity:
-            raise InvalidArgumentError(f"max_draft must be an int in [n_draft, {capacity}], got {max_draft!r}")
-        if not 0.0 <= p_min < 1.0:
-            raise InvalidArgumentError(f"p_min must be in [0, 1), got {p_min!r}")
-        if catch_up is not None and (not isinstance(catch_up, int) or catch_up < 1):
-            raise InvalidArgumentError(f"catch_up must be None or an int >= 1, got {catch_up!r}")
+        n_draft = int_arg("n_draft", n_draft, 1, capacity)
+        max_draft = int_arg("max_draft", n_draft if max_draft is None else max_draft, n_draft, capacity)
+        p_min = number_arg("p_min", p_min, 0.0, 1.0, high_open=True)
+        catch_up = int_arg("catch_up", catch_up, 1, none=True)
         self.catch_up = catch_up
         model = target.model
         if (model.is_hybrid or model.is_recurrent) and target.n_rs_seq < max_draft + 1:
@@ -113,9 +109,12 @@ class SpeculativeDecoder(Resource):
         > 0 turns on n-gram lookup drafts of ``lookup_min`` to ``lookup_max`` tokens (see
         :meth:`set_lookup`).
         """
-        if not isinstance(lookup_ngram, int) or lookup_ngram < 0:
-            raise InvalidArgumentError(f"lookup_ngram must be an int >= 0, got {lookup_ngram!r}")
-        max_draft = max(n_draft, lookup_max) if lookup_ngram and isinstance(lookup_max, int) else n_draft
+        # The caller's arguments, before anything is derived from them (n_rs_seq, max_draft).
+        capacity = _lowlevel.PMTP_MAX_DRAFT_CAPACITY
+        n_draft = int_arg("n_draft", n_draft, 1, capacity)
+        lookup_ngram = int_arg("lookup_ngram", lookup_ngram, 0, 64)
+        lookup_max = int_arg("lookup_max", lookup_max, 1, capacity)
+        max_draft = max(n_draft, lookup_max) if lookup_ngram else n_draft
         target = Context(model, n_ctx=n_ctx, n_batch=n_batch, n_seq_max=n_seq_max, n_threads=n_threads,
                          n_rs_seq=max_draft + 1 if (model.is_hybrid or model.is_recurrent) else 0,
                          flash_attn=flash_attn)
@@ -156,13 +155,9 @@ class SpeculativeDecoder(Resource):
         """
         capacity = self._native.n_draft_max
         max_tokens = capacity if max_tokens is None else max_tokens
-        if not isinstance(ngram, int) or not 0 <= ngram <= 64:
-            raise InvalidArgumentError(f"ngram must be an int in [0, 64], got {ngram!r}")
-        if not isinstance(max_tokens, int) or not 1 <= max_tokens <= capacity:
-            raise InvalidArgumentError(f"max_tokens must be an int in [1, {capacity}] (max_draft), "
-                                       f"got {max_tokens!r}")
-        if not isinstance(min_tokens, int) or not 1 <= min_tokens <= max_tokens:
-            raise InvalidArgumentError(f"min_tokens must be an int in [1, max_tokens], got {min_tokens!r}")
+        ngram = int_arg("ngram", ngram, 0, 64)
+        max_tokens = int_arg("max_tokens", max_tokens, 1, capacity)  # capacity: max_draft
+        min_tokens = int_arg("min_tokens", min_tokens, 1, max_tokens)
         self._native.set_lookup(ngram, min_tokens, max_tokens)
 
     def set_sampling(self, temperature: float = 0.0, *, top_k: int = 0, top_p: float = 1.0,
@@ -300,7 +295,7 @@ class SpeculativeDecoder(Resource):
                 lengths = run_lengths = [self.n_draft if n is None else int(n) for n in fixed]
             start = time.perf_counter()
             try:
-                tokens, counts, drafted = self._native.step_each(run_lengths, self.p_min)
+                tokens, counts, drafted, nonfinite = self._native.step_each(run_lengths, self.p_min)
                 produced = [tokens[seq, :counts[seq]].tolist() for seq in range(self.n_seq)]
                 # Lookup drafts come back as -(length + 1).
                 self._last_drafted = [d if d >= 0 else -d - 1 for d in drafted.tolist()]
@@ -313,6 +308,13 @@ class SpeculativeDecoder(Resource):
                     # about the MTP head.
                     if tokens_out and n_drafted >= 0:
                         policy.observe(n_drafted, len(tokens_out) - 1)
+            if nonfinite:
+                # llama.cpp lets NaN in one sequence's memory reach others (see
+                # pmtp_spec_rebuild): the sources go, the rest is evaluated again, and a
+                # sequence that was only reached produces nothing this step.
+                sources = self._native.rebuild()
+                if sources:
+                    raise NonFiniteLogitsError(sources, produced)
             return produced
 
     @property
@@ -339,8 +341,7 @@ class SpeculativeDecoder(Resource):
         Ctrl-C stops it within one graph node. Either way the tokens yielded so far are
         kept and :meth:`step` continues the sequence.
         """
-        if not isinstance(max_tokens, int) or max_tokens < 0:
-            raise InvalidArgumentError(f"max_tokens must be a non-negative int, got {max_tokens!r}")
+        max_tokens = int_arg("max_tokens", max_tokens, 0)
         if self.n_seq != 1:
             raise InvalidArgumentError("generate() drives one sequence; use generate_many() "
                                        "for a decoder with several")

@@ -14,7 +14,7 @@ from .chat import NativeChatTemplates, chat_parse, json_schema_to_grammar
 from .context import ContextConfig, NativeContext
 from .interrupt import monotonic_us
 from .model import NativeModel
-from .sampler import NativeSampler
+from .sampler import NativeSampler, grammar_trial
 from .speculative import PMTP_DRAFT_REST, PMTP_MAX_DRAFT_CAPACITY, NativeSpeculative
 from .status import check_status
 from .system import (
@@ -35,7 +35,7 @@ from .system import (
 __all__ = [
     "ContextConfig", "NativeChatTemplates", "NativeContext", "NativeModel", "NativeSampler", "NativeSpeculative",
     "PMTP_DRAFT_REST", "PMTP_MAX_DRAFT_CAPACITY", "QUANT_TYPES", "DeviceInfo", "add_rpc_server", "backend_loading",
-    "check_status", "chat_parse", "compiled_backends", "cpu_features", "cpu_variant", "default_threads", "devices", "json_schema_to_grammar",
+    "check_status", "chat_parse", "compiled_backends", "cpu_features", "cpu_variant", "default_threads", "devices", "grammar_trial", "json_schema_to_grammar",
     "llama_commit",
     "monotonic_us", "quantize", "shim_version",
 ]

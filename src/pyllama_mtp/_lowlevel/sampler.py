@@ -12,6 +12,16 @@ from .model import NativeModel
 from .status import check_status
 
 
+def grammar_trial(model: NativeModel, gbnf: str, n_steps: int, seed: int = 0) -> None:
+    """Walk ``gbnf`` over the model's vocabulary for up to ``n_steps`` tokens (see
+    pmtp_grammar_trial); InvalidArgumentError if llama.cpp refuses or fails in it."""
+    error = ffi.new("char **")
+    with model.lock:
+        status = lib.pmtp_grammar_trial(model.ptr(), gbnf.encode("utf-8"), n_steps,
+                                        seed & 0xFFFFFFFF, error)
+    check_status(status, "try the grammar", message=take_string(error[0]))
+
+
 class NativeSampler(NativeHandle):
     """top-k, top-p, min-p, temperature, then a draw seeded by ``seed`` (greedy at
     temperature <= 0), after the grammar of ``constraint`` (see pmtp_sampler_new)."""
@@ -42,7 +52,10 @@ class NativeSampler(NativeHandle):
     def sample(self, context: NativeContext, index: int) -> int:
         token = ffi.new("llama_token *")
         with context.lock, self.lock:  # the one order: contexts before samplers
-            check_status(lib.pmtp_sampler_sample(self.ptr(), context.ptr(), index, token), "sample")
+            status = lib.pmtp_sampler_sample(self.ptr(), context.ptr(), index, token)
+        # The index and vocabulary were checked before: what C refuses is the grammar's dead end.
+        dead_end = "the grammar allows none of the model's tokens at this point"
+        check_status(status, "sample", message=dead_end if status == lib.PMTP_ERR_ARGUMENT else "")
         return int(token[0])
 
     def reset(self) -> None:

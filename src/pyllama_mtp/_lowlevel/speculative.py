@@ -68,14 +68,22 @@ class NativeSpeculative(NativeHandle):
         with self.lock:
             check_status(lib.pmtp_spec_set_catch_up_from(self.ptr(), seq, pos), "set the catch-up window")
 
-    def step_each(self, n_draft: Sequence[int], p_min: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def step_each(self, n_draft: Sequence[int],
+                  p_min: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, int]]:
         """One step with a draft length per sequence; returns views of (tokens, counts,
-        drafted): drafted[seq] is the verified draft length, -(length + 1) for lookup drafts."""
+        drafted) and {seq: position} of sequences whose logits held NaN / Inf (they
+        produced nothing; the others did): drafted[seq] is the verified draft length,
+        -(length + 1) for lookup drafts."""
         self._n_draft_each[:] = n_draft
+        nonfinite: dict[int, int] = {}
         with self._locked() as call:
-            call.check(lib.pmtp_spec_step_each(self.ptr(), self._n_draft_each_ptr, p_min, self._out_tokens_ptr,
-                                                 self._out_counts_ptr, self._out_drafted_ptr), "speculative step")
-        return self._out_tokens, self._out_counts, self._out_drafted
+            status = lib.pmtp_spec_step_each(self.ptr(), self._n_draft_each_ptr, p_min, self._out_tokens_ptr,
+                                             self._out_counts_ptr, self._out_drafted_ptr)
+            if status == lib.PMTP_ERR_NONFINITE:
+                nonfinite = self._nonfinite()
+            else:
+                call.check(status, "speculative step")
+        return self._out_tokens, self._out_counts, self._out_drafted, nonfinite
 
     def set_sampler(self, seq: int, sampler: Optional[NativeSampler]) -> None:
         """The sampler of a sequence (None: greedy, unconstrained). The caller keeps it alive
@@ -139,6 +147,17 @@ class NativeSpeculative(NativeHandle):
     def truncate(self, seq: int, n_keep: int) -> None:
         with self._locked() as call:
             call.check(lib.pmtp_spec_truncate(self.ptr(), seq, n_keep), "truncate the sequence")
+
+    def _nonfinite(self) -> dict[int, int]:
+        positions = (int(lib.pmtp_spec_nonfinite_at(self.ptr(), seq)) for seq in range(self.n_seq))
+        return {seq: pos for seq, pos in enumerate(positions) if pos >= 0}
+
+    def rebuild(self) -> dict[int, int]:
+        """After a step with NaN / Inf (see pmtp_spec_rebuild): {seq: position} of the
+        sources, now forgotten; every other active sequence was evaluated again."""
+        with self._locked() as call:
+            call.check(lib.pmtp_spec_rebuild(self.ptr()), "rebuild the memory")
+            return self._nonfinite()
 
     def reset_seq(self, seq: int) -> None:
         with self._locked(computes=False) as call:

@@ -11,6 +11,7 @@ from ..errors import (
     InvalidArgumentError,
     LlamaError,
     NoMTPError,
+    NonFiniteLogitsError,
     StateError,
 )
 
@@ -54,6 +55,8 @@ def check_status(status: int, action: str, abort_reason: int = 0, message: str =
     if status == lib.PMTP_ERR_ABORTED and abort_reason in _ABORT_REASONS:
         error, text = _ABORT_REASONS[abort_reason]
         raise error(f"{action}: {text}")
+    if status == lib.PMTP_ERR_NONFINITE:
+        raise NonFiniteLogitsError({})  # where: the caller knows, and says
     error = _STATUS_ERRORS.get(status, LlamaError)
     text = message or _STATUS_TEXT.get(status, f"unknown status {status}")
     raise error(f"{action}: {text}")

@@ -14,6 +14,7 @@ import os
 import threading
 from typing import Any, Optional
 
+from ..answer import check_chat_template
 from ..model import Model
 from .app import create_app
 from .engine import Engine, QueueFullError
@@ -44,6 +45,7 @@ class Server:
 
         self.model = Model.load(model_path, n_gpu_layers=n_gpu_layers, load_mtp=engine_options.get("mtp", True))
         try:
+            check_chat_template(self.model)
             self.engine = Engine(self.model, **engine_options)
         except BaseException:
             self.model.close()

@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..answer import ChatOutput, prepare_chat, prepare_completion
-from ..errors import InvalidArgumentError, LlamaError
+from ..errors import DecodeError, InvalidArgumentError, LlamaError
 from . import protocol
 from .engine import Engine, Event, Failed, Finished, Job, Piece, QueueFullError
 from .metrics import render_metrics
@@ -41,6 +41,8 @@ def _as_request_error(error: BaseException) -> protocol.RequestError:
         return error
     if isinstance(error, QueueFullError):
         return protocol.RequestError(str(error), status=503, kind="server_error", code="queue_full")
+    if isinstance(error, DecodeError):  # the model computed NaN / Inf, or llama.cpp failed: not the client's doing
+        return protocol.RequestError(str(error), status=500, kind="server_error")
     if isinstance(error, LlamaError):  # a bad argument, or llama.cpp rejected the template, schema or grammar
         return protocol.RequestError(str(error))
     logger.error("request failed", exc_info=error)

@@ -18,11 +18,11 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 from ..answer import Prompt, Sampling, TokenOutput, Usage, token_budget
 from ..context import Batch, Context
-from ..errors import InvalidArgumentError, LlamaError
+from ..errors import InvalidArgumentError, LlamaError, NonFiniteLogitsError
 from ..generation import Sampler
 from ..speculative import SpeculativeDecoder
 
@@ -98,7 +98,7 @@ class _SpeculativeDriver:
         self.decoder.set_sampling(grammar=job.prompt.grammar, seq_id=slot, **job.sampling.as_kwargs())
         self.decoder.prefill(job.prompt.tokens, slot)
 
-    def step(self, busy: list[Optional[_Busy]]) -> tuple[list[list[int]], list[int]]:
+    def step(self, busy: list[Optional[_Busy]]) -> tuple[list[list[int]], list[int], dict[int, Exception]]:
         lengths: list[Optional[int]] = []
         for entry in busy:
             if entry is None:
@@ -111,8 +111,13 @@ class _SpeculativeDriver:
                 # A sampled request's draft length never depends on the load, so a fixed
                 # seed gives the same answer alone or among others.
                 lengths.append(self.n_draft)
-        produced = self.decoder.step(lengths)
-        return produced, self.decoder.last_drafted
+        try:
+            produced = self.decoder.step(lengths)
+        except NonFiniteLogitsError as error:  # those requests fail; the others' tokens came
+            assert error.produced is not None
+            failed = {slot: NonFiniteLogitsError({slot: pos}) for slot, pos in error.positions.items()}
+            return error.produced, self.decoder.last_drafted, failed
+        return produced, self.decoder.last_drafted, {}
 
     def release(self, slot: int) -> None:
         self.decoder.reset(slot)
@@ -133,29 +138,52 @@ class _PlainDriver:
         self.context = Context(model, n_ctx=n_ctx, n_seq_max=slots, **context)
         self.samplers: list[Optional[Sampler]] = [None] * slots
         self.pending = [0] * slots  # each slot's next token, not yet evaluated
+        self.evaluated: list[list[int]] = [[] for _ in range(slots)]  # what each slot's memory holds
 
     def start(self, slot: int, job: Job) -> None:
         self.samplers[slot] = Sampler(grammar=job.prompt.grammar, **job.sampling.as_kwargs())
         self.context.seq_rm(slot)
-        tokens = job.prompt.tokens
+        self._evaluate(slot, job.prompt.tokens)
+
+    def _evaluate(self, slot: int, tokens: list[int]) -> None:
+        """All but the last token into the slot's memory; the last is its pending token."""
         for begin in range(0, len(tokens) - 1, self.context.n_batch):
             chunk = tokens[begin:min(begin + self.context.n_batch, len(tokens) - 1)]
             self.context.decode(Batch(chunk, seq_ids=slot, outputs=False))
+        self.evaluated[slot] = list(tokens[:-1])
         self.pending[slot] = tokens[-1]
 
-    def step(self, busy: list[Optional[_Busy]]) -> tuple[list[list[int]], list[int]]:
+    def step(self, busy: list[Optional[_Busy]]) -> tuple[list[list[int]], list[int], dict[int, Exception]]:
         slots = [slot for slot, entry in enumerate(busy) if entry is not None]
         self.context.decode(Batch([self.pending[slot] for slot in slots], seq_ids=slots, outputs=True))
+        for slot in slots:
+            self.evaluated[slot].append(self.pending[slot])
         produced: list[list[int]] = [[] for _ in busy]
+        failed: dict[int, Exception] = {}
         for index, slot in enumerate(slots):
             sampler = self.samplers[slot]
             assert sampler is not None
-            self.pending[slot] = self.context.sample(sampler, index)
+            try:
+                self.pending[slot] = self.context.sample(sampler, index)
+            except NonFiniteLogitsError as error:  # that request fails, the others go on
+                failed[slot] = error
+                continue
             produced[slot] = [self.pending[slot]]
-        return produced, [0] * len(busy)
+        if failed:
+            self._rebuild(slot for slot in slots if slot not in failed)
+        return produced, [0] * len(busy), failed
+
+    def _rebuild(self, keep: Iterable[int]) -> None:
+        """Clear the memory, data included, and evaluate the kept slots again: llama.cpp
+        lets NaN left in freed memory reach other sequences (see pmtp_spec_rebuild)."""
+        histories = {slot: self.evaluated[slot] + [self.pending[slot]] for slot in keep}
+        self.context.clear()
+        for slot, tokens in histories.items():
+            self._evaluate(slot, tokens)
 
     def release(self, slot: int) -> None:
         self.context.seq_rm(slot)
+        self.evaluated[slot] = []
         sampler, self.samplers[slot] = self.samplers[slot], None
         if sampler is not None:
             sampler.close()
@@ -332,11 +360,13 @@ class Engine:
 
     def _step(self) -> None:
         try:
-            produced, drafted = self._driver.step(self._busy)
+            produced, drafted, failed = self._driver.step(self._busy)
         except Exception as error:
             self._fail_all(error)
             return
         self.counters.steps += 1
+        for slot, error in failed.items():
+            self._fail(slot, error)
         for slot, entry in enumerate(self._busy):
             if entry is None or not produced[slot]:
                 continue
@@ -385,6 +415,11 @@ class Engine:
     def _fail_all(self, error: BaseException) -> None:
         for slot, entry in enumerate(self._busy):
             if entry is not None:
-                self.counters.requests["failed"] += 1
-                self._release(slot)
-                entry.job.sink(Failed(error))
+                self._fail(slot, error)
+
+    def _fail(self, slot: int, error: BaseException) -> None:
+        entry = self._busy[slot]
+        if entry is not None:
+            self.counters.requests["failed"] += 1
+            self._release(slot)
+            entry.job.sink(Failed(error))
