@@ -27,6 +27,7 @@ CASES = [
     (lambda m: Sampler(top_k=1.5), "top_k", 1.5),
     (lambda m: Sampler(top_p=0), "top_p", 0),
     (lambda m: Sampler(min_p=1), "min_p", 1),
+    (lambda m: Model.load(m.path, n_gpu_layers="all"), "n_gpu_layers", "all"),
 ]
 
 

@@ -8,6 +8,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 import numpy as np
 
 from . import _lowlevel, _preflight
+from ._args import int_arg
 from ._resource import Resource
 from ._validate import check_gguf_file
 from .chat_template import ChatTemplate
@@ -95,8 +96,7 @@ class Model(Resource):
         path_str = os.fspath(path)
         if not os.path.isfile(path_str):
             raise ModelLoadError(f"no such model file: {path_str}")
-        if not isinstance(n_gpu_layers, int):
-            raise InvalidArgumentError("n_gpu_layers must be an int")
+        n_gpu_layers = int_arg("n_gpu_layers", n_gpu_layers, -1)
         info = check_gguf_file(path_str)
         repack = _preflight.repack_setting(repack)
         check = None

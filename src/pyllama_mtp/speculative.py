@@ -399,9 +399,7 @@ class SpeculativeDecoder(Resource):
     def draft(self, n: Optional[int] = None, seq_id: int = 0) -> list[int]:
         """Draft up to ``n`` tokens for a sequence with the MTP head (nothing evaluated yet)."""
         seq_id = self._check_seq(seq_id)
-        n = self.n_draft if n is None else n
-        if not isinstance(n, int) or not 1 <= n <= self._native.n_draft_max:
-            raise InvalidArgumentError(f"n must be in [1, {self._native.n_draft_max}]")
+        n = int_arg("n", self.n_draft if n is None else n, 1, self._native.n_draft_max)
         limits = np.zeros(self.n_seq, dtype=np.int32)
         limits[seq_id] = n
         self._native.draft(limits, self.p_min)
@@ -443,8 +441,7 @@ class SpeculativeDecoder(Resource):
         choices = self._native.target_choices(seq_id)
         if not choices:
             raise InvalidArgumentError("nothing to accept: call verify() first")
-        if not isinstance(n, int) or not 0 <= n <= len(draft):
-            raise InvalidArgumentError(f"n must be in [0, {len(draft)}] (the verified draft length)")
+        n = int_arg("n", n, 0, len(draft))  # at most the verified draft length
         token = choices[n] if next_token is None else int(next_token)
         self._target.model.check_tokens([token])
         self._native.accept(seq_id, n, token)
