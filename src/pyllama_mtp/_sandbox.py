@@ -90,7 +90,11 @@ class _Worker:
             child = subprocess.Popen([sys.executable, "-m", "pyllama_mtp._sandbox_worker"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                                      cwd=str(_PACKAGE_PARENT), **session)
-            if self._read_line(child, _START_LIMIT_S, "starting the text sandbox") != "ready":
+            try:
+                ready = self._read_line(child, _START_LIMIT_S, "starting the text sandbox") == "ready"
+            except InvalidArgumentError:  # it died or stalled before serving anything
+                ready = False
+            if not ready:
                 self._kill(child)
                 raise LlamaError("the text sandbox did not start: reinstall pyllama_mtp, or set "
                                  f"{ENV_SWITCH}=0 to parse templates and grammars in-process")
@@ -100,7 +104,8 @@ class _Worker:
     def _read_line(self, child: subprocess.Popen, limit: float, what: str) -> str:
         deadline = time.monotonic() + limit
         fd = child.stdout.fileno()
-        while b"\n" not in self._pending:
+        chunk = self._pending
+        while b"\n" not in chunk:  # only the newest chunk can hold the end of the line
             left = deadline - time.monotonic()
             ready = select.select([fd], [], [], max(0.0, left))[0] if left > 0 else []
             if not ready:
@@ -108,7 +113,7 @@ class _Worker:
                 raise InvalidArgumentError(
                     f"{what}: llama.cpp did not finish within {limit:g} s (the time limit of "
                     f"PYLLAMA_MTP_SANDBOX_TIME_LIMIT); the work was stopped")
-            chunk = os.read(fd, 1 << 16)
+            chunk = os.read(fd, 1 << 20)
             if not chunk:
                 code = child.wait()
                 self._child = None
@@ -126,9 +131,11 @@ class _Worker:
             self._child = None
 
     def close(self) -> None:
-        with self._lock:
-            if self._child is not None and self._owner == os.getpid():
-                self._kill(self._child)
+        """Stop the child (at exit too: without the lock, which a stalled call may hold)."""
+        child = self._child
+        if child is not None and self._owner == os.getpid():
+            child.kill()
+            child.wait()
 
 
 def _encode(value: Any, what: str) -> str:
