@@ -37,7 +37,9 @@ enum pmtp_status {
     PMTP_ERR_ALLOC       = -6, /* out of memory */
     PMTP_ERR_INTERNAL    = -7, /* a C++ exception escaped llama.cpp */
     PMTP_ERR_STATE       = -8, /* memory could not be rolled back that far */
-    PMTP_ERR_NONFINITE   = -9  /* a row of logits to choose from holds NaN or Inf */
+    PMTP_ERR_NONFINITE   = -9, /* a row of logits to choose from holds NaN or Inf */
+    PMTP_ERR_GRAMMAR     = -10, /* the grammar allows none of the model's tokens here */
+    PMTP_ERR_SEQUENCE    = -11  /* a step: some sequences failed, the others went on */
 };
 
 /* Version of this shim, compiled in; Python refuses to run with another. */
@@ -152,9 +154,10 @@ PMTP_API void    pmtp_sampler_reset(pmtp_sampler * sampler);
  * n_steps tokens, each the allowed token of highest random logit (seeded), accepted into
  * the grammar as generation would. Exercises what compiling alone does not (the grammar's
  * stacks growing token by token); the caller bounds its time. PMTP_ERR_ARGUMENT with a
- * message when llama.cpp refuses the grammar or fails in it. */
+ * message when llama.cpp refuses the grammar or fails in it, or (with from_start) when it
+ * allows none of the model's tokens at its start. */
 PMTP_API int32_t pmtp_grammar_trial(const struct llama_model * model, const char * gbnf, int32_t n_steps,
-                                    uint32_t seed, char ** error);
+                                    uint32_t seed, int32_t from_start, char ** error);
 
 /* ---- chat (csrc/chat.cpp): llama.cpp's chat templates, parsers and JSON schemas ----
  *
@@ -290,18 +293,23 @@ PMTP_API int32_t pmtp_spec_accept(pmtp_spec * spec, llama_seq_id seq, int32_t n_
  * positions and may be kept less often, the output is the same). out_tokens: n_seq rows of (n_draft_max + 1); out_counts[seq]:
  * tokens produced (accepted drafts + 1); out_drafted (may be
  * NULL) receives each sequence's verified draft length, or -(length + 1) when the draft
- * came from n-gram lookup. A sequence whose verify row needed for its choice holds NaN or
- * Inf produces nothing and keeps its state from before the step (see
- * pmtp_spec_nonfinite_at); the others go on, and the step returns PMTP_ERR_NONFINITE
- * after finishing them. A draft row that does so only ends that sequence's draft. */
+ * came from n-gram lookup. A sequence that cannot go on (a verify row it needs holds NaN
+ * or Inf, or its grammar allows no token) produces nothing and keeps its state from
+ * before the step (see pmtp_spec_failure); the others go on, and the step returns
+ * PMTP_ERR_SEQUENCE after finishing them. A draft row with NaN / Inf only ends that
+ * sequence's draft. */
 PMTP_API int32_t pmtp_spec_step_each(pmtp_spec * spec, const int32_t * n_draft, float p_min,
                                      llama_token * out_tokens, int32_t * out_counts, int32_t * out_drafted);
-/* Position of the token whose logits held NaN or Inf in the sequence's last step, or -1. */
-PMTP_API int32_t pmtp_spec_nonfinite_at(const pmtp_spec * spec, llama_seq_id seq);
+/* Why the sequence failed in the last step: PMTP_ERR_NONFINITE or PMTP_ERR_GRAMMAR, and
+ * the position of the token whose row it was (*pos); 0 if it did not fail. */
+PMTP_API int32_t pmtp_spec_failure(const pmtp_spec * spec, llama_seq_id seq, llama_pos * pos);
 /* Clear both contexts' memory, data included, and evaluate each active sequence's tokens
  * again (its pending token stays pending). After NaN / Inf: llama.cpp re-initialises freed
  * KV cells and recurrent states by scaling them by zero (NaN * 0 is NaN) and multiplies
- * masked-out cells by zero weights, so values left by one sequence reach the others. */
+ * masked-out cells by zero weights, so values left by one sequence reach the others. The
+ * sequences that failed with NaN are each evaluated alone first: those that still give
+ * NaN (the sources) are forgotten, with those whose grammar hit a dead end; their
+ * pmtp_spec_failure stays, the others' is cleared. */
 PMTP_API int32_t pmtp_spec_rebuild(pmtp_spec * spec);
 /* 1 if active (and its pending token / position), 0 if not, or a PMTP_ERR_*. */
 PMTP_API int32_t pmtp_spec_seq_state(const pmtp_spec * spec, llama_seq_id seq, llama_token * id_last,

@@ -204,14 +204,18 @@ int32_t pmtp_sampler_sample(pmtp_sampler * sampler, llama_context * ctx, int32_t
         if (!pmtp::all_finite(logits, sampler->n_vocab)) {
             return (int32_t) PMTP_ERR_NONFINITE;  // NaN / Inf: no choice would mean anything
         }
-        *out = pmtp::sample_target(*sampler, ctx, idx, nullptr);
+        try {
+            *out = pmtp::sample_target(*sampler, ctx, idx, nullptr);
+        } catch (const std::invalid_argument &) {
+            return (int32_t) PMTP_ERR_GRAMMAR;
+        }
         pmtp::accept(*sampler, *out);
         return (int32_t) PMTP_OK;
-    }, nullptr, PMTP_ERR_ARGUMENT);  // a grammar with no way on
+    });
 }
 
 int32_t pmtp_grammar_trial(const llama_model * model, const char * gbnf, int32_t n_steps, uint32_t seed,
-                           char ** error) {
+                           int32_t from_start, char ** error) {
     if (model == nullptr || gbnf == nullptr || n_steps < 0) {
         return PMTP_ERR_ARGUMENT;
     }
@@ -237,6 +241,9 @@ int32_t pmtp_grammar_trial(const llama_model * model, const char * gbnf, int32_t
                 if (cand.data[i].logit != -INFINITY && (best < 0 || cand.data[i].logit > cur[best].logit)) {
                     best = cand.data[i].id;
                 }
+            }
+            if (best < 0 && step == 0 && from_start) {
+                return pmtp::fail(error, PMTP_ERR_ARGUMENT, "the grammar allows none of the model's tokens at its start");
             }
             if (best < 0 || llama_vocab_is_eog(vocab, best)) {
                 break;  // no way on (a clean error when generating) or done

@@ -27,6 +27,7 @@ namespace pmtp {
 
 // Sample the target's row `idx` of ctx (grammar first); probs (may be null) receives the
 // whole constrained distribution the token was drawn from. Does not accept the token.
+// Throws std::invalid_argument where the grammar allows none of the model's tokens.
 llama_token sample_target(pmtp_sampler & smp, llama_context * ctx, int32_t idx, std::vector<float> * probs);
 // Draw a draft token from raw logits through the chain alone; q receives its distribution.
 llama_token sample_draft(pmtp_sampler & smp, const float * logits, std::vector<float> & q);

@@ -26,7 +26,8 @@ struct pmtp_seq {
     std::vector<float> chain_h;      // chained heads: hidden rows of the draft so far
     std::vector<float> verify_h;     // target nextn rows of the last verify batch
     std::vector<llama_token> verify_choice;  // target argmax at each verify row (-1: NaN / Inf)
-    llama_pos nonfinite_at = -1;     // last step: the token whose logits held NaN / Inf
+    int32_t failure = 0;             // last step: PMTP_ERR_NONFINITE / PMTP_ERR_GRAMMAR, or 0
+    llama_pos failed_at = -1;        // ... and the token whose row it was
     int32_t verify_rows = 0;
     int32_t verify_beg = -1;         // batch index of id_last in the last verify batch
     std::vector<llama_token> history;  // every token of the sequence, id_last included
@@ -130,7 +131,7 @@ int32_t rollback(pmtp_spec & s, llama_seq_id seq, llama_pos from);
 void reset(pmtp_spec & s, llama_seq_id seq);
 // pmtp_spec_rebuild: the sequences of the last step whose logits held NaN / Inf are each
 // evaluated alone in cleared memory; those that still do are the sources and are reset
-// (their nonfinite_at kept), the rest are victims of llama.cpp's spread between sequences.
+// (their failure kept), the rest are victims of llama.cpp's spread between sequences.
 // Then the memory is cleared and every other active sequence is evaluated again.
 int32_t rebuild(pmtp_spec & s);
 // A drafter that rested lacks positions, and llama.cpp takes a sequence's new positions

@@ -6,6 +6,7 @@
 #include "sampler.h"
 
 #include <algorithm>
+#include <stdexcept>
 
 namespace pmtp::spec {
 namespace {
@@ -26,9 +27,14 @@ llama_token sampler_acceptance(pmtp_spec & s, const pmtp_seq & q, int32_t & k) {
     const bool rule_sampling = !smp.greedy() && !smp.params.exact_match;
     for (k = 0;; k++) {
         if (q.verify_choice[k] < 0) {
-            return -1;  // NaN / Inf in the row to choose from
+            return PMTP_ERR_NONFINITE;  // NaN / Inf in the row to choose from (negative: no token)
         }
-        const llama_token t = pmtp::sample_target(smp, s.tgt, q.verify_beg + k, rule_sampling ? &smp.p : nullptr);
+        llama_token t;
+        try {
+            t = pmtp::sample_target(smp, s.tgt, q.verify_beg + k, rule_sampling ? &smp.p : nullptr);
+        } catch (const std::invalid_argument &) {
+            return PMTP_ERR_GRAMMAR;  // its grammar allows no token: this sequence cannot go on
+        }
         const llama_token x = k < n_draft ? q.draft[k] : -1;
         llama_token chosen = t;
         if (k < n_draft && rule_sampling) {
@@ -119,7 +125,7 @@ int32_t step_each(pmtp_spec & s, const int32_t * n_draft_each, float p_min, llam
     const int32_t n_ctx = (int32_t) llama_n_ctx_seq(s.tgt);
     int32_t n_draft = 0;  // the longest MTP draft asked for
     for (llama_seq_id seq = 0; seq < s.n_seq; seq++) {
-        s.seqs[seq].nonfinite_at = -1;
+        s.seqs[seq].failure = 0;
         out_counts[seq] = 0;
         if (out_drafted) {
             out_drafted[seq] = 0;
@@ -138,7 +144,7 @@ int32_t step_each(pmtp_spec & s, const int32_t * n_draft_each, float p_min, llam
     if (st != PMTP_OK) {
         return st;
     }
-    bool nonfinite = false;
+    bool failed = false;
     for (llama_seq_id seq = 0; seq < s.n_seq; seq++) {
         pmtp_seq & q = s.seqs[seq];
         if (!q.active || q.verify_rows <= 0) {
@@ -152,16 +158,17 @@ int32_t step_each(pmtp_spec & s, const int32_t * n_draft_each, float p_min, llam
             while (k < (int32_t) q.draft.size() && q.verify_choice[k] == q.draft[k]) {
                 k++;  // a NaN row's -1 never equals a draft: it is where acceptance stops
             }
-            next = q.verify_choice[k];
+            next = q.verify_choice[k] < 0 ? PMTP_ERR_NONFINITE : q.verify_choice[k];
         }
         if (next < 0) {
             // Nothing of this step is kept for the sequence; the others go on.
-            q.nonfinite_at = q.n_past + k;
+            q.failure = next;
+            q.failed_at = q.n_past + k;
             st = rollback(s, seq, q.n_past);
             q.verify_rows = 0;
             q.verify_choice.clear();
             q.clear_draft();
-            nonfinite = true;
+            failed = true;
             if (st != PMTP_OK) {
                 return st;
             }
@@ -179,7 +186,7 @@ int32_t step_each(pmtp_spec & s, const int32_t * n_draft_each, float p_min, llam
             return st;
         }
     }
-    return nonfinite ? PMTP_ERR_NONFINITE : PMTP_OK;
+    return failed ? PMTP_ERR_SEQUENCE : PMTP_OK;
 }
 
 namespace {
@@ -201,16 +208,18 @@ void clear_all(pmtp_spec & s) {
 int32_t rebuild(pmtp_spec & s) {
     std::vector<std::vector<llama_token>> keep(s.n_seq);
     std::vector<llama_pos> at(s.n_seq, -1);
+    std::vector<int32_t> kind(s.n_seq, 0);
     for (llama_seq_id seq = 0; seq < s.n_seq; seq++) {
         if (s.seqs[seq].active) {
             keep[seq] = s.seqs[seq].history;  // its pending token last
         }
-        at[seq] = s.seqs[seq].nonfinite_at;
+        at[seq] = s.seqs[seq].failure != 0 ? s.seqs[seq].failed_at : -1;
+        kind[seq] = s.seqs[seq].failure;
     }
     std::vector<char> source(s.n_seq, 0);
     bool found = false;
     for (llama_seq_id seq = 0; seq < s.n_seq; seq++) {
-        if (at[seq] < 0 || keep[seq].empty()) {
+        if (kind[seq] != PMTP_ERR_NONFINITE || keep[seq].empty()) {
             continue;
         }
         clear_all(s);  // alone: nothing of another sequence can reach it
@@ -226,8 +235,10 @@ int32_t rebuild(pmtp_spec & s) {
     clear_all(s);
     for (llama_seq_id seq = 0; seq < s.n_seq; seq++) {
         // No source alone: the NaN needs several together; failing them all ends the loop.
-        if (at[seq] >= 0 && (source[seq] || !found)) {
-            s.seqs[seq].nonfinite_at = at[seq];
+        // A grammar's dead end is its own sequence's: it goes too.
+        if (kind[seq] == PMTP_ERR_GRAMMAR || (kind[seq] == PMTP_ERR_NONFINITE && (source[seq] || !found))) {
+            s.seqs[seq].failure = kind[seq];
+            s.seqs[seq].failed_at = at[seq];
             continue;
         }
         if (!keep[seq].empty()) {

@@ -152,8 +152,12 @@ int32_t pmtp_spec_verify_row(const pmtp_spec * s, llama_seq_id seq, int32_t row)
     return s->seqs[seq].verify_beg + row;
 }
 
-int32_t pmtp_spec_nonfinite_at(const pmtp_spec * s, llama_seq_id seq) {
-    return valid_seq(s, seq) ? s->seqs[seq].nonfinite_at : PMTP_ERR_ARGUMENT;
+int32_t pmtp_spec_failure(const pmtp_spec * s, llama_seq_id seq, llama_pos * pos) {
+    if (!valid_seq(s, seq) || pos == nullptr) {
+        return PMTP_ERR_ARGUMENT;
+    }
+    *pos = s->seqs[seq].failed_at;
+    return s->seqs[seq].failure;
 }
 
 int32_t pmtp_spec_rebuild(pmtp_spec * s) {

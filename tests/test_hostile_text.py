@@ -17,7 +17,8 @@ import time
 import pytest
 
 import hostile_inputs
-from pyllama_mtp import ChatTemplate, Grammar, InvalidArgumentError, LLM, Model, ModelLoadError, Sampler
+from pyllama_mtp import (ChatTemplate, Grammar, GrammarDeadEndError, InvalidArgumentError, LLM, Model, ModelLoadError,
+                         Sampler, SpeculativeDecoder)
 from test_native_oracle import native_tool
 from test_server import ServerProcess, httpx
 
@@ -105,9 +106,11 @@ def test_serve_reports_an_unusable_template_at_start_up(model_path):
 def test_deep_schema_and_grammar_errors_name_what_went_wrong(model_path):
     with Model.load(model_path("qwen35")) as model:
         with pytest.raises(InvalidArgumentError, match="SIGSEGV"):
-            Sampler(grammar=DEEP_GRAMMAR).native_for(model)
+            with Sampler(grammar=DEEP_GRAMMAR) as sampler:
+                sampler.native_for(model)
         with pytest.raises(InvalidArgumentError, match="grammar"):
-            Sampler(grammar="root ::= (").native_for(model)
+            with Sampler(grammar="root ::= (") as sampler:
+                sampler.native_for(model)
         nested = {"type": "string"}
         for _ in range(400):
             nested = {"type": "array", "items": nested}
@@ -210,3 +213,43 @@ def test_generated_hostile_inputs_never_crash_or_hang(model_path, summary_line):
     assert valid and not [name for name in outcomes["error"] if name.endswith("-valid")], \
         "valid cases must run"
     assert outcomes["error"], "no case was refused: the generator makes nothing hostile"
+
+
+# -- a grammar with no way on --------------------------------------------------------------------
+
+EMPTY_CLASS = "[z-a]"  # a reversed range: no character matches it
+
+
+def test_a_grammar_that_cannot_start_is_refused_before_decoding(model_path):
+    with Model.load(model_path("qwen35")) as model:
+        with pytest.raises(InvalidArgumentError, match="none of the model's tokens at its start"):
+            with Sampler(grammar=f"root ::= {EMPTY_CLASS}") as sampler:
+                sampler.native_for(model)
+
+
+def test_a_grammar_dead_end_fails_its_sequence_only(model_path):
+    """llama.cpp accepted a token anyway where the grammar allowed none (and aborted on an
+    end-of-generation token): now that sequence fails, with its position."""
+    grammar = f'root ::= "a" {EMPTY_CLASS}'
+    with Model.load(model_path("qwen35")) as model:
+        with model.context(n_ctx=128) as ctx:
+            solo = list(ctx.generate("hello", max_tokens=6, stop_at_eog=False))
+            ctx.clear()
+            with Sampler(grammar=grammar) as sampler, pytest.raises(GrammarDeadEndError) as plain:
+                list(ctx.generate("hello", max_tokens=6, sampler=sampler))
+            n_prompt = len(model.tokenize("hello"))
+            assert plain.value.positions == {0: n_prompt}  # after the one "a"
+        with SpeculativeDecoder.create(model, n_ctx=256, n_draft=3, n_seq_max=2) as decoder:
+            decoder.set_sampling(grammar=grammar, seq_id=0)
+            decoder.prefill("hello", 0)
+            decoder.prefill("hello", 1)
+            outputs: list[list[int]] = [[], []]
+            with pytest.raises(GrammarDeadEndError) as mtp:
+                while True:
+                    for seq, tokens in enumerate(decoder.step()):
+                        outputs[seq] += tokens
+            assert list(mtp.value.positions) == [0] and isinstance(mtp.value.failed[0], GrammarDeadEndError)
+            outputs[1] += mtp.value.produced[1]
+            while len(outputs[1]) < 6:
+                outputs[1] += decoder.step()[1]
+            assert outputs[1][:6] == solo

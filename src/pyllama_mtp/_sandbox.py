@@ -116,6 +116,7 @@ class _Worker:
             chunk = os.read(fd, 1 << 20)
             if not chunk:
                 code = child.wait()
+                _stop(child)
                 self._child = None
                 raise InvalidArgumentError(
                     f"{what}: llama.cpp would have ended the process ({_death(code)}; found in the "
@@ -125,8 +126,7 @@ class _Worker:
         return line.decode("utf-8", "replace")
 
     def _kill(self, child: subprocess.Popen) -> None:
-        child.kill()
-        child.wait()
+        _stop(child)
         if child is self._child:
             self._child = None
 
@@ -134,8 +134,17 @@ class _Worker:
         """Stop the child (at exit too: without the lock, which a stalled call may hold)."""
         child = self._child
         if child is not None and self._owner == os.getpid():
-            child.kill()
-            child.wait()
+            _stop(child)
+
+
+def _stop(child: subprocess.Popen) -> None:
+    child.kill()
+    child.wait()
+    for pipe in (child.stdin, child.stdout):
+        try:
+            pipe.close()
+        except OSError:
+            pass  # a write it never read, to a process now gone
 
 
 def _encode(value: Any, what: str) -> str:

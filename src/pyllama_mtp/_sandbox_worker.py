@@ -86,7 +86,10 @@ def compile_grammar(model: str, constraint: dict[str, Any]) -> None:
     vocab = _vocab(model)
     _lowlevel.NativeSampler(vocab, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, seed=0,
                             constraint=constraint).free()
-    _lowlevel.grammar_trial(vocab, constraint["grammar"], TRIAL_TOKENS)
+    # A template's grammar begins after its generation prompt or a trigger: only a user's
+    # grammar must be able to start right away.
+    from_start = constraint.get("grammar_type", "user") == "user" and not constraint.get("grammar_lazy")
+    _lowlevel.grammar_trial(vocab, constraint["grammar"], TRIAL_TOKENS, from_start=from_start)
 
 
 OPERATIONS: dict[str, Callable[..., Any]] = {

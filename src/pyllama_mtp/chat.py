@@ -15,7 +15,7 @@ from ._resource import Resource
 from .answer import (ChatDelta, ChatOutput, ChatResponse, Completion, Prompt, Sampling, Stop, TokenOutput, Usage,
                      check_chat_template, prepare_chat, prepare_completion, token_budget)
 from .chat_template import RenderedChat
-from .errors import NonFiniteLogitsError, StateError
+from .errors import GrammarDeadEndError, NonFiniteLogitsError, StateError
 from .grammar import GrammarLike
 from .model import Model
 from .speculative import SpeculativeDecoder
@@ -146,7 +146,7 @@ class _Run:
             tail = output.close()
             if tail:
                 yield tail
-        except NonFiniteLogitsError:
+        except (NonFiniteLogitsError, GrammarDeadEndError):
             llm._held = []  # the decoder forgot the sequence
             raise
         finally:

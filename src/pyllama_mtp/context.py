@@ -10,7 +10,7 @@ import numpy as np
 from . import _lowlevel
 from ._resource import Resource
 from ._args import int_arg
-from .errors import InvalidArgumentError, NoMTPError, NonFiniteLogitsError, StateError
+from .errors import GrammarDeadEndError, InvalidArgumentError, NoMTPError, NonFiniteLogitsError, StateError
 from .generation import Sampler, generate
 
 if TYPE_CHECKING:  # annotations only: Model imports this module
@@ -396,10 +396,10 @@ class Context(Resource):
         row = self._output_index(index)
         try:
             return native.sample(self._native, row)
-        except NonFiniteLogitsError:
+        except (NonFiniteLogitsError, GrammarDeadEndError) as error:
             seq_ids, positions = self._last_rows
             at = row + self._output_offset
-            raise NonFiniteLogitsError({int(seq_ids[at]): int(positions[at])}) from None
+            raise type(error)({int(seq_ids[at]): int(positions[at])}) from None
 
     def generate(self, prompt: Union[str, Iterable[int]], *, max_tokens: int = 128,
                  sampler: Optional[Sampler] = None, seq_id: int = 0, stop_at_eog: bool = True,

@@ -16,6 +16,7 @@ __all__ = [
     "ContextFullError",
     "DecodeError",
     "NonFiniteLogitsError",
+    "GrammarDeadEndError",
     "AbortedError",
     "InvalidArgumentError",
     "ClosedError",
@@ -45,21 +46,34 @@ class DecodeError(LlamaError, RuntimeError):
     """llama.cpp failed to evaluate a batch."""
 
 
-class NonFiniteLogitsError(DecodeError):
-    """A row of logits that a token had to be chosen from holds NaN or Inf (broken
-    weights, or an input that overflows them). ``positions`` maps each sequence affected
-    to the position of the token whose logits they are; nothing was produced for those
-    sequences. ``produced``: a speculative step's tokens for every sequence (empty for the
-    affected ones), which the step still made; the decoder then forgets the affected
-    sequences and rebuilds the others' memory (llama.cpp lets NaN left in freed memory
-    reach other sequences). A :class:`Context` user clears its memory (``clear()``)."""
+def _where(positions: "dict[int, int]") -> str:
+    where = ", ".join(f"sequence {seq} at position {pos}" for seq, pos in sorted(positions.items()))
+    return f" ({where})" if where else ""
 
-    def __init__(self, positions: "dict[int, int]", produced: "Optional[list[list[int]]]" = None) -> None:
-        where = ", ".join(f"sequence {seq} at position {pos}" for seq, pos in sorted(positions.items()))
-        super().__init__(f"the model's logits hold NaN or Inf{f' ({where})' if where else ''}: no token can "
-                         "be chosen from them")
+
+class _SequencesFailed:
+    """What a failure of some sequences of a step carries. ``positions``: each affected
+    sequence and the position of the token whose row it was; nothing was produced for
+    them and the decoder forgot them. ``produced``: the step's tokens for every sequence
+    (empty for the affected ones), which the step still made for the others.
+    ``failed``: each affected sequence's own error (a step can fail several ways)."""
+
+    def _carry(self, positions: "dict[int, int]", produced: "Optional[list[list[int]]]") -> None:
         self.positions = dict(positions)
         self.produced = produced
+        self.failed: "dict[int, LlamaError]" = {}
+
+
+class NonFiniteLogitsError(_SequencesFailed, DecodeError):
+    """A row of logits that a token had to be chosen from holds NaN or Inf (broken
+    weights, or an input that overflows them). llama.cpp lets NaN left in memory reach
+    other sequences, so the decoder rebuilds the others' memory; a :class:`Context` user
+    clears its memory (``clear()``)."""
+
+    def __init__(self, positions: "dict[int, int]", produced: "Optional[list[list[int]]]" = None) -> None:
+        super().__init__(f"the model's logits hold NaN or Inf{_where(positions)}: no token can be chosen "
+                         "from them")
+        self._carry(positions, produced)
 
 
 class AbortedError(LlamaError, RuntimeError):
@@ -78,6 +92,15 @@ class InvalidArgumentError(LlamaError, ValueError):
 
 class ClosedError(LlamaError, ValueError):
     """An object was used after ``close()``."""
+
+
+class GrammarDeadEndError(_SequencesFailed, InvalidArgumentError):
+    """The grammar allows none of the model's tokens at this point: the constrained
+    output cannot go on (a grammar that asks for text the vocabulary cannot spell)."""
+
+    def __init__(self, positions: "dict[int, int]", produced: "Optional[list[list[int]]]" = None) -> None:
+        super().__init__(f"the grammar allows none of the model's tokens{_where(positions)}")
+        self._carry(positions, produced)
 
 
 class NoMTPError(LlamaError, ValueError):

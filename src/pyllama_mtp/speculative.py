@@ -19,7 +19,7 @@ from ._resource import Resource, native_handle
 from ._args import int_arg, number_arg
 from .adaptive import AdaptiveDraft, StepCost, plan_drafts
 from .context import Context, snapshot_bytes, time_limit
-from .errors import ContextFullError, InvalidArgumentError, NonFiniteLogitsError
+from .errors import ContextFullError, InvalidArgumentError
 from .generation import Sampler
 from .grammar import GrammarLike
 from .stats import MemoryReport, SpeculativeStats
@@ -295,7 +295,7 @@ class SpeculativeDecoder(Resource):
                 lengths = run_lengths = [self.n_draft if n is None else int(n) for n in fixed]
             start = time.perf_counter()
             try:
-                tokens, counts, drafted, nonfinite = self._native.step_each(run_lengths, self.p_min)
+                tokens, counts, drafted, failures = self._native.step_each(run_lengths, self.p_min)
                 produced = [tokens[seq, :counts[seq]].tolist() for seq in range(self.n_seq)]
                 # Lookup drafts come back as -(length + 1).
                 self._last_drafted = [d if d >= 0 else -d - 1 for d in drafted.tolist()]
@@ -308,13 +308,8 @@ class SpeculativeDecoder(Resource):
                     # about the MTP head.
                     if tokens_out and n_drafted >= 0:
                         policy.observe(n_drafted, len(tokens_out) - 1)
-            if nonfinite:
-                # llama.cpp lets NaN in one sequence's memory reach others (see
-                # pmtp_spec_rebuild): the sources go, the rest is evaluated again, and a
-                # sequence that was only reached produces nothing this step.
-                sources = self._native.rebuild()
-                if sources:
-                    raise NonFiniteLogitsError(sources, produced)
+            if failures:
+                self._native.raise_failures(failures, produced)
             return produced
 
     @property

@@ -2,7 +2,7 @@
 
 enum pmtp_status {
     PMTP_OK, PMTP_ERR_ARGUMENT, PMTP_ERR_NO_KV_SLOT, PMTP_ERR_DECODE,
-    PMTP_ERR_ABORTED, PMTP_ERR_NO_MTP, PMTP_ERR_ALLOC, PMTP_ERR_INTERNAL, PMTP_ERR_STATE, PMTP_ERR_NONFINITE, ...
+    PMTP_ERR_ABORTED, PMTP_ERR_NO_MTP, PMTP_ERR_ALLOC, PMTP_ERR_INTERNAL, PMTP_ERR_STATE, PMTP_ERR_NONFINITE, PMTP_ERR_GRAMMAR, PMTP_ERR_SEQUENCE, ...
 };
 
 const char * pmtp_version(void);
@@ -59,7 +59,7 @@ void    pmtp_sampler_free(pmtp_sampler * sampler);
 int32_t pmtp_sampler_sample(pmtp_sampler * sampler, struct llama_context * ctx, int32_t idx, llama_token * out);
 void    pmtp_sampler_reset(pmtp_sampler * sampler);
 int32_t pmtp_grammar_trial(const struct llama_model * model, const char * gbnf, int32_t n_steps, uint32_t seed,
-                           char ** error);
+                           int32_t from_start, char ** error);
 
 /* chat */
 typedef struct pmtp_chat_templates pmtp_chat_templates;
@@ -113,7 +113,7 @@ int32_t pmtp_spec_get_draft(const pmtp_spec * spec, llama_seq_id seq, llama_toke
 int32_t pmtp_spec_verify(pmtp_spec * spec);
 int32_t pmtp_spec_target_choices(const pmtp_spec * spec, llama_seq_id seq, llama_token * out, int32_t capacity);
 int32_t pmtp_spec_verify_row(const pmtp_spec * spec, llama_seq_id seq, int32_t row);
-int32_t pmtp_spec_nonfinite_at(const pmtp_spec * spec, llama_seq_id seq);
+int32_t pmtp_spec_failure(const pmtp_spec * spec, llama_seq_id seq, llama_pos * pos);
 int32_t pmtp_spec_rebuild(pmtp_spec * spec);
 int32_t pmtp_spec_accept(pmtp_spec * spec, llama_seq_id seq, int32_t n_accepted, llama_token next);
 int32_t pmtp_spec_step_each(pmtp_spec * spec, const int32_t * n_draft, float p_min,

@@ -12,13 +12,14 @@ from .model import NativeModel
 from .status import check_status
 
 
-def grammar_trial(model: NativeModel, gbnf: str, n_steps: int, seed: int = 0) -> None:
+def grammar_trial(model: NativeModel, gbnf: str, n_steps: int, *, from_start: bool, seed: int = 0) -> None:
     """Walk ``gbnf`` over the model's vocabulary for up to ``n_steps`` tokens (see
-    pmtp_grammar_trial); InvalidArgumentError if llama.cpp refuses or fails in it."""
+    pmtp_grammar_trial); InvalidArgumentError if llama.cpp refuses or fails in it, or
+    (``from_start``) if no token can begin it."""
     error = ffi.new("char **")
     with model.lock:
         status = lib.pmtp_grammar_trial(model.ptr(), gbnf.encode("utf-8"), n_steps,
-                                        seed & 0xFFFFFFFF, error)
+                                        seed & 0xFFFFFFFF, int(from_start), error)
     check_status(status, "try the grammar", message=take_string(error[0]))
 
 
@@ -52,10 +53,7 @@ class NativeSampler(NativeHandle):
     def sample(self, context: NativeContext, index: int) -> int:
         token = ffi.new("llama_token *")
         with context.lock, self.lock:  # the one order: contexts before samplers
-            status = lib.pmtp_sampler_sample(self.ptr(), context.ptr(), index, token)
-        # The index and vocabulary were checked before: what C refuses is the grammar's dead end.
-        dead_end = "the grammar allows none of the model's tokens at this point"
-        check_status(status, "sample", message=dead_end if status == lib.PMTP_ERR_ARGUMENT else "")
+            check_status(lib.pmtp_sampler_sample(self.ptr(), context.ptr(), index, token), "sample")
         return int(token[0])
 
     def reset(self) -> None:

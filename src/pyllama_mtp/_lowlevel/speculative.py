@@ -8,6 +8,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from .._ffi import ffi, lib
+from ..errors import GrammarDeadEndError, LlamaError, NonFiniteLogitsError
 from .context import NativeContext
 from .handle import NativeHandle
 from .interrupt import Stoppable
@@ -73,17 +74,18 @@ class NativeSpeculative(NativeHandle):
         """One step with a draft length per sequence; returns views of (tokens, counts,
         drafted) and {seq: position} of sequences whose logits held NaN / Inf (they
         produced nothing; the others did): drafted[seq] is the verified draft length,
-        -(length + 1) for lookup drafts."""
+        -(length + 1) for lookup drafts. The last: {seq: (PMTP_ERR_NONFINITE or
+        PMTP_ERR_GRAMMAR, position)} of the sequences that failed (they produced nothing)."""
         self._n_draft_each[:] = n_draft
-        nonfinite: dict[int, int] = {}
+        failures: dict[int, tuple[int, int]] = {}
         with self._locked() as call:
             status = lib.pmtp_spec_step_each(self.ptr(), self._n_draft_each_ptr, p_min, self._out_tokens_ptr,
                                              self._out_counts_ptr, self._out_drafted_ptr)
-            if status == lib.PMTP_ERR_NONFINITE:
-                nonfinite = self._nonfinite()
+            if status == lib.PMTP_ERR_SEQUENCE:
+                failures = self._failures()
             else:
                 call.check(status, "speculative step")
-        return self._out_tokens, self._out_counts, self._out_drafted, nonfinite
+        return self._out_tokens, self._out_counts, self._out_drafted, failures
 
     def set_sampler(self, seq: int, sampler: Optional[NativeSampler]) -> None:
         """The sampler of a sequence (None: greedy, unconstrained). The caller keeps it alive
@@ -148,16 +150,41 @@ class NativeSpeculative(NativeHandle):
         with self._locked() as call:
             call.check(lib.pmtp_spec_truncate(self.ptr(), seq, n_keep), "truncate the sequence")
 
-    def _nonfinite(self) -> dict[int, int]:
-        positions = (int(lib.pmtp_spec_nonfinite_at(self.ptr(), seq)) for seq in range(self.n_seq))
-        return {seq: pos for seq, pos in enumerate(positions) if pos >= 0}
+    def _failures(self) -> dict[int, tuple[int, int]]:
+        pos = ffi.new("llama_pos *")
+        failures = {}
+        for seq in range(self.n_seq):
+            kind = lib.pmtp_spec_failure(self.ptr(), seq, pos)
+            if kind < 0:
+                failures[seq] = (int(kind), int(pos[0]))
+        return failures
 
-    def rebuild(self) -> dict[int, int]:
-        """After a step with NaN / Inf (see pmtp_spec_rebuild): {seq: position} of the
-        sources, now forgotten; every other active sequence was evaluated again."""
+    def raise_failures(self, failures: dict[int, tuple[int, int]], produced: list[list[int]]) -> None:
+        """The sequences of a step that could not go on: forgotten, and raised as one error
+        whose ``failed`` holds each one's own. llama.cpp lets NaN in one sequence's memory
+        reach others (see pmtp_spec_rebuild): after NaN the sources go and the rest is
+        evaluated again (a sequence that was only reached produces nothing this step)."""
+        if any(kind == lib.PMTP_ERR_NONFINITE for kind, _ in failures.values()):
+            failures = self.rebuild()
+        else:
+            for seq in failures:
+                self.reset_seq(seq)
+        kinds = {lib.PMTP_ERR_NONFINITE: NonFiniteLogitsError, lib.PMTP_ERR_GRAMMAR: GrammarDeadEndError}
+        failed: dict[int, LlamaError] = {seq: kinds[kind]({seq: pos}) for seq, (kind, pos) in failures.items()}
+        if failed:
+            first = type(failed[min(failed)])
+            error = first({seq: pos for seq, (_, pos) in failures.items() if isinstance(failed[seq], first)},
+                          produced)
+            error.failed = failed
+            raise error
+
+    def rebuild(self) -> dict[int, tuple[int, int]]:
+        """After a step with NaN / Inf (see pmtp_spec_rebuild): the failures that stand
+        (the sources, and grammar dead ends), now forgotten; every other active sequence
+        was evaluated again."""
         with self._locked() as call:
             call.check(lib.pmtp_spec_rebuild(self.ptr()), "rebuild the memory")
-            return self._nonfinite()
+            return self._failures()
 
     def reset_seq(self, seq: int) -> None:
         with self._locked(computes=False) as call:

@@ -11,6 +11,7 @@ from ..errors import (
     InvalidArgumentError,
     LlamaError,
     NoMTPError,
+    GrammarDeadEndError,
     NonFiniteLogitsError,
     StateError,
 )
@@ -57,6 +58,8 @@ def check_status(status: int, action: str, abort_reason: int = 0, message: str =
         raise error(f"{action}: {text}")
     if status == lib.PMTP_ERR_NONFINITE:
         raise NonFiniteLogitsError({})  # where: the caller knows, and says
+    if status == lib.PMTP_ERR_GRAMMAR:
+        raise GrammarDeadEndError({})
     error = _STATUS_ERRORS.get(status, LlamaError)
     text = message or _STATUS_TEXT.get(status, f"unknown status {status}")
     raise error(f"{action}: {text}")

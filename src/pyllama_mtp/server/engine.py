@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Optional, Union
 
 from ..answer import Prompt, Sampling, TokenOutput, Usage, token_budget
 from ..context import Batch, Context
-from ..errors import InvalidArgumentError, LlamaError, NonFiniteLogitsError
+from ..errors import GrammarDeadEndError, InvalidArgumentError, LlamaError, NonFiniteLogitsError
 from ..generation import Sampler
 from ..speculative import SpeculativeDecoder
 
@@ -113,10 +113,9 @@ class _SpeculativeDriver:
                 lengths.append(self.n_draft)
         try:
             produced = self.decoder.step(lengths)
-        except NonFiniteLogitsError as error:  # those requests fail; the others' tokens came
+        except (NonFiniteLogitsError, GrammarDeadEndError) as error:  # those fail; the others' tokens came
             assert error.produced is not None
-            failed = {slot: NonFiniteLogitsError({slot: pos}) for slot, pos in error.positions.items()}
-            return error.produced, self.decoder.last_drafted, failed
+            return error.produced, self.decoder.last_drafted, dict(error.failed)
         return produced, self.decoder.last_drafted, {}
 
     def release(self, slot: int) -> None:
@@ -165,7 +164,7 @@ class _PlainDriver:
             assert sampler is not None
             try:
                 self.pending[slot] = self.context.sample(sampler, index)
-            except NonFiniteLogitsError as error:  # that request fails, the others go on
+            except (NonFiniteLogitsError, GrammarDeadEndError) as error:  # that request fails, the others go on
                 failed[slot] = error
                 continue
             produced[slot] = [self.pending[slot]]
