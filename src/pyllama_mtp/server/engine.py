@@ -168,7 +168,7 @@ class _PlainDriver:
                 failed[slot] = error
                 continue
             produced[slot] = [self.pending[slot]]
-        if failed:
+        if any(isinstance(error, NonFiniteLogitsError) for error in failed.values()):
             self._rebuild(slot for slot in slots if slot not in failed)
         return produced, [0] * len(busy), failed
 
