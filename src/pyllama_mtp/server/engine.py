@@ -18,7 +18,9 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Optional, Union
+
+import numpy as np
 
 from ..answer import Prompt, Sampling, TokenOutput, Usage, token_budget
 from ..context import Batch, Context
@@ -168,17 +170,33 @@ class _PlainDriver:
                 failed[slot] = error
                 continue
             produced[slot] = [self.pending[slot]]
-        if any(isinstance(error, NonFiniteLogitsError) for error in failed.values()):
-            self._rebuild(slot for slot in slots if slot not in failed)
+        suspects = [slot for slot, error in failed.items() if isinstance(error, NonFiniteLogitsError)]
+        if suspects:
+            for slot in self._rebuild(slots, suspects, failed):
+                del failed[slot]  # only reached by another's NaN: it goes on next step
         return produced, [0] * len(busy), failed
 
-    def _rebuild(self, keep: Iterable[int]) -> None:
-        """Clear the memory, data included, and evaluate the kept slots again: llama.cpp
-        lets NaN left in freed memory reach other sequences (see pmtp_spec_rebuild)."""
-        histories = {slot: self.evaluated[slot] + [self.pending[slot]] for slot in keep}
+    def _rebuild(self, slots: list[int], suspects: list[int], failed: dict[int, Exception]) -> list[int]:
+        """llama.cpp lets NaN in one sequence's memory reach others (see pmtp_spec_rebuild):
+        each suspect is evaluated alone in cleared memory; those whose logits are then
+        finite were only reached. The memory is cleared, data included, and every slot but
+        the failed ones is evaluated again. Returns the suspects that were only reached."""
+        # A failed slot's pending token was evaluated; any other's new pending token was not.
+        histories = {slot: self.evaluated[slot] + ([] if slot in failed else [self.pending[slot]]) for slot in slots}
+        reached = []
+        for slot in suspects:
+            self.context.clear()
+            self._evaluate(slot, histories[slot])
+            self.context.decode(Batch([self.pending[slot]], seq_ids=slot, outputs=True))
+            if np.isfinite(self.context.logits(-1)).all():
+                reached.append(slot)
+        if len(reached) == len(suspects):  # no source alone: they fail together
+            reached = []
         self.context.clear()
-        for slot, tokens in histories.items():
-            self._evaluate(slot, tokens)
+        for slot in slots:
+            if slot not in failed or slot in reached:
+                self._evaluate(slot, histories[slot])
+        return reached
 
     def release(self, slot: int) -> None:
         self.context.seq_rm(slot)
