@@ -52,6 +52,10 @@ def enabled() -> bool:
     return os.environ.get(ENV_SWITCH, "").strip().lower() not in {"0", "false", "no", "off"}
 
 
+class _TimedOut(InvalidArgumentError):
+    """Past the time limit: not remembered (the machine may only have been busy)."""
+
+
 class _Worker:
     """One child process, one request at a time."""
 
@@ -61,8 +65,9 @@ class _Worker:
         self._owner = os.getpid()
         self._pending = b""
 
-    def call(self, op: str, args: dict[str, Any], what: str) -> Any:
-        line = (_encode({"op": op, "args": args}, what) + "\n").encode()
+    def call(self, op: str, args_json: str, what: str) -> Any:
+        """``args_json``: the arguments as :func:`_encode` wrote them (encoded once)."""
+        line = f'{{"op": {json.dumps(op)}, "args": {args_json}}}\n'.encode()
         with self._lock:
             child = self._running()
             try:
@@ -92,7 +97,7 @@ class _Worker:
                                      cwd=str(_PACKAGE_PARENT), **session)
             try:
                 ready = self._read_line(child, _START_LIMIT_S, "starting the text sandbox") == "ready"
-            except InvalidArgumentError:  # it died or stalled before serving anything
+            except InvalidArgumentError:  # it died or stalled (_TimedOut) before serving anything
                 ready = False
             if not ready:
                 self._kill(child)
@@ -110,7 +115,7 @@ class _Worker:
             ready = select.select([fd], [], [], max(0.0, left))[0] if left > 0 else []
             if not ready:
                 self._kill(child)
-                raise InvalidArgumentError(
+                raise _TimedOut(
                     f"{what}: llama.cpp did not finish within {limit:g} s (the time limit of "
                     f"PYLLAMA_MTP_SANDBOX_TIME_LIMIT); the work was stopped")
             chunk = os.read(fd, 1 << 20)
@@ -169,15 +174,20 @@ _cache_lock = threading.Lock()
 
 def run(op: str, what: str, **args: Any) -> Any:
     """Operation ``op`` of the worker (see ``_sandbox_worker.OPERATIONS``) on ``args``."""
+    return _run(op, what, args, None)
+
+
+def _run(op: str, what: str, args: dict[str, Any], args_json: Optional[str]) -> Any:
     if not enabled():
         return _sandbox_worker.OPERATIONS[op](**args)
-    return _worker.call(op, args, what)
+    return _worker.call(op, _encode(args, what) if args_json is None else args_json, what)
 
 
 def run_cached(op: str, what: str, **args: Any) -> Any:
     """:func:`run`, remembered by its arguments: failures too, except a time-out (the
     machine may have been busy)."""
-    key = (op, _encode(args, what))
+    args_json = _encode(args, what)
+    key = (op, args_json)
     with _cache_lock:
         known = _cache.get(key)
         if known is not None:
@@ -188,10 +198,11 @@ def run_cached(op: str, what: str, **args: Any) -> Any:
             return value
         raise value[0](value[1])
     try:
-        value = run(op, what, **args)
+        value = _run(op, what, args, args_json)
+    except _TimedOut:
+        raise
     except LlamaError as error:
-        if "did not finish within" not in str(error):
-            _remember(key, (False, (type(error), str(error))))
+        _remember(key, (False, (type(error), str(error))))
         raise
     _remember(key, (True, value))
     return value
