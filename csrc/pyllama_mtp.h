@@ -322,6 +322,34 @@ PMTP_API int32_t pmtp_spec_seq_state(const pmtp_spec * spec, llama_seq_id seq, l
 PMTP_API int32_t pmtp_spec_truncate(pmtp_spec * spec, llama_seq_id seq, int32_t n_keep);
 /* Forget a sequence in both contexts. */
 PMTP_API int32_t pmtp_spec_reset_seq(pmtp_spec * spec, llama_seq_id seq);
+/* Queue a prompt on a sequence (continuing it if active): instead of a prefill call of
+ * its own, its tokens are evaluated in chunks inside the next verify batches, beside the
+ * other sequences' decoding (each batch filled up to n_batch after their rows), so
+ * admitting a request does not stall the others. With ready != 0 the batch that ends the
+ * prompt also evaluates its last token as the pending one: the sequence gets its first
+ * token from that step. With ready == 0 the sequence ends the prompt like a prefill (its
+ * last token pending) and parks, for a checkpoint and the next part. Until then it is not
+ * active (pmtp_spec_seq_state returns 0). */
+PMTP_API int32_t pmtp_spec_enqueue(pmtp_spec * spec, llama_seq_id seq, const llama_token * tokens, int32_t n,
+                                   int32_t ready);
+/* Prefix reuse (a server's cached prompts, csrc/spec_cache.cpp). A parked sequence keeps
+ * its memory and state but takes no part in drafts, verify batches or steps; prefill,
+ * truncate and checkpoint restore unpark it. */
+PMTP_API int32_t pmtp_spec_park(pmtp_spec * spec, llama_seq_id seq, int32_t parked);
+/* A checkpoint: what the target cannot cut back (recurrent state, saved with
+ * LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY), the sequence's tokens and the hidden row its pending
+ * token pairs with. Take one right after a prefill (nothing drafted or rolled back since);
+ * restore it on the same sequence while that sequence's tokens still start with the
+ * checkpoint's (PMTP_ERR_STATE otherwise, the sequence unchanged): the sequence then holds
+ * the checkpoint's tokens, its last one pending. Attention memory past it is dropped. */
+typedef struct pmtp_spec_checkpoint pmtp_spec_checkpoint;
+PMTP_API int32_t pmtp_spec_checkpoint_new(pmtp_spec * spec, llama_seq_id seq, pmtp_spec_checkpoint ** out);
+PMTP_API int32_t pmtp_spec_checkpoint_restore(pmtp_spec * spec, llama_seq_id seq,
+                                              const pmtp_spec_checkpoint * checkpoint);
+/* Bytes the checkpoint holds; tokens it covers (its pending token included). */
+PMTP_API int64_t pmtp_spec_checkpoint_bytes(const pmtp_spec_checkpoint * checkpoint);
+PMTP_API int32_t pmtp_spec_checkpoint_n_tokens(const pmtp_spec_checkpoint * checkpoint);
+PMTP_API void    pmtp_spec_checkpoint_free(pmtp_spec_checkpoint * checkpoint);
 PMTP_API void    pmtp_spec_get_stats(const pmtp_spec * spec, pmtp_spec_stats * out);
 PMTP_API void    pmtp_spec_reset_stats(pmtp_spec * spec);
 

@@ -167,6 +167,8 @@ int32_t target_eval(pmtp_spec & s, const std::vector<llama_seq_id> & seq_of, con
     return catch_up(s, seq_of, tok, pos);
 }
 
+}  // namespace
+
 // A verified batch that was never accepted (the caller drafted or verified again)
 // leaves its positions in both contexts: drop them so the next batch starts at n_past.
 int32_t discard_unaccepted(pmtp_spec & s) {
@@ -182,6 +184,8 @@ int32_t discard_unaccepted(pmtp_spec & s) {
     }
     return status;
 }
+
+namespace {
 
 // One MTP draft token from a row of the drafter's logits: (token, its probability, the top
 // probability); sampled drafts also keep the whole distribution in q.draft_q.
@@ -228,32 +232,6 @@ void reset(pmtp_spec & s, llama_seq_id seq) {
     q = pmtp_seq();
     q.pending_h.assign(s.n_embd, 0.0f);
     q.sampler = sampler;
-}
-
-int32_t truncate(pmtp_spec & s, llama_seq_id seq, int32_t n_keep) {
-    const int32_t discarded = discard_unaccepted(s);
-    if (discarded != PMTP_OK) {
-        return discarded;
-    }
-    pmtp_seq & q = s.seqs[seq];
-    const std::vector<llama_token> history = q.history;
-    // The kept pending token pairs with the hidden row of the token before it, which no
-    // one kept: cut one position further back and evaluate that token again.
-    const llama_pos cut = n_keep - 2;
-    if (rollback(s, seq, cut) != PMTP_OK) {
-        reset(s, seq);  // recurrent state further back than its snapshots
-        return PMTP_ERR_STATE;
-    }
-    q.clear_draft();
-    q.verify_rows = 0;
-    q.n_past = cut;
-    q.id_last = history[cut];
-    q.history.assign(history.begin(), history.begin() + cut + 1);
-    const int32_t st = prefill(s, seq, &history[n_keep - 1], 1);
-    if (st != PMTP_OK) {
-        reset(s, seq);
-    }
-    return st;
 }
 
 int32_t prefill(pmtp_spec & s, llama_seq_id seq, const llama_token * tokens, int32_t n) {
@@ -303,6 +281,7 @@ int32_t prefill(pmtp_spec & s, llama_seq_id seq, const llama_token * tokens, int
     }
     q.id_last = tokens[n - 1];
     q.active = true;
+    q.parked = false;
     q.history.insert(q.history.end(), tokens, tokens + n);
     q.clear_draft();
     return PMTP_OK;
@@ -322,7 +301,7 @@ int32_t draft(pmtp_spec & s, const int32_t * n_max, float p_min) {
     int n_drafting = 0;
     for (llama_seq_id seq = 0; seq < s.n_seq; seq++) {
         pmtp_seq & q = s.seqs[seq];
-        limit[seq] = q.active ? std::min(n_max[seq], s.n_draft_max) : 0;
+        limit[seq] = q.active && !q.parked ? std::min(n_max[seq], s.n_draft_max) : 0;
         if (limit[seq] < 0) {
             continue;  // keep the draft set by the caller (step_each's lookups)
         }
@@ -416,7 +395,7 @@ int32_t verify(pmtp_spec & s) {
         pmtp_seq & q = s.seqs[seq];
         q.verify_rows = 0;
         q.verify_choice.clear();
-        if (!q.active) {
+        if (!q.active || q.parked) {
             continue;
         }
         seq_of.push_back(seq);
@@ -428,25 +407,37 @@ int32_t verify(pmtp_spec & s) {
             pos.push_back(q.n_past + 1 + (llama_pos) i);
         }
     }
+    std::vector<bool> out(tok.size(), true);
+    // Queued prompts fill what the batch leaves (see add_prompt_chunks).
+    std::vector<int32_t> n_prompt(s.n_seq, 0);
+    std::vector<char> ends(s.n_seq, 0);
+    add_prompt_chunks(s, seq_of, tok, pos, out, n_prompt, ends);
     if (tok.empty()) {
         return PMTP_OK;
     }
-    const std::vector<bool> out(tok.size(), true);
     const int32_t st = target_eval(s, seq_of, tok, pos, out);
     if (st != PMTP_OK) {
         // Nothing was accepted: both contexts go back to before the batch.
         for (llama_seq_id seq = 0; seq < s.n_seq; seq++) {
-            if (s.seqs[seq].active) {
+            pmtp_seq & q = s.seqs[seq];
+            if (q.active) {
                 // llama.cpp already restored the memory for "no KV slot"; this covers the rest.
-                rollback(s, seq, s.seqs[seq].n_past);
-                s.seqs[seq].verify_rows = 0;
+                rollback(s, seq, q.n_past);
+                q.verify_rows = 0;
+            } else if ((n_prompt[seq] > 0 || ends[seq]) && rollback(s, seq, q.n_past) != PMTP_OK) {
+                reset(s, seq);  // a prompt chunk recurrent state cannot take back
             }
         }
         return st;
     }
     for (llama_seq_id seq = 0; seq < s.n_seq; seq++) {
+        if (n_prompt[seq] > 0 || ends[seq]) {
+            take_prompt_chunk(s, seq, n_prompt[seq], ends[seq]);
+        }
+    }
+    for (llama_seq_id seq = 0; seq < s.n_seq; seq++) {
         pmtp_seq & q = s.seqs[seq];
-        if (!q.active) {
+        if (!q.active || q.parked) {
             continue;
         }
         q.verify_choice.resize(q.verify_rows);

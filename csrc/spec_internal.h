@@ -33,6 +33,11 @@ struct pmtp_seq {
     std::vector<llama_token> history;  // every token of the sequence, id_last included
     bool draft_from_lookup = false;    // the current draft came from n-gram lookup
     bool drafter_gap = false;          // the drafter skipped positions (PMTP_DRAFT_REST)
+    bool parked = false;               // memory kept for prefix reuse; not stepped (pmtp_spec_park)
+    std::vector<llama_token> queued;   // a prompt evaluated inside the next verify batches
+                                       // (pmtp_spec_enqueue); its first token is the one
+                                       // pending before, if the sequence was active
+    bool queued_ready = false;         // ... whose last token then goes on as id_last
     llama_pos catch_up_from = -1;      // the drafter's catch-up skips positions below this
     pmtp_sampler * sampler = nullptr;  // the sequence's sampler (owned by the caller);
                                        // null: greedy, unconstrained (argmax rows)
@@ -121,6 +126,15 @@ struct pmtp_spec {
 namespace pmtp::spec {
 
 int32_t prefill(pmtp_spec & s, llama_seq_id seq, const llama_token * tokens, int32_t n);
+// pmtp_spec_enqueue: the prompt waits in q.queued for the next verify batches
+// (spec_cache.cpp); verify adds their chunks and takes them in after the batch.
+void enqueue(pmtp_spec & s, llama_seq_id seq, const llama_token * tokens, int32_t n, bool ready);
+void add_prompt_chunks(pmtp_spec & s, std::vector<llama_seq_id> & seq_of, std::vector<llama_token> & tok,
+                       std::vector<llama_pos> & pos, std::vector<bool> & out, std::vector<int32_t> & n_prompt,
+                       std::vector<char> & ends);
+void take_prompt_chunk(pmtp_spec & s, llama_seq_id seq, int32_t c, bool end);
+// A verified batch never accepted leaves positions in both contexts: dropped.
+int32_t discard_unaccepted(pmtp_spec & s);
 // n_max[seq]: draft length per sequence; negative keeps the draft already set (lookup).
 int32_t draft(pmtp_spec & s, const int32_t * n_max, float p_min);
 int32_t verify(pmtp_spec & s);

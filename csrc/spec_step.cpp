@@ -93,7 +93,7 @@ int32_t lookup_drafts(pmtp_spec & s, int32_t n_ctx, std::vector<int32_t> & limit
         const int32_t room = n_ctx - 1 - q.n_past;
         const int32_t longest = std::min({s.lookup.max_tokens > 0 ? s.lookup.max_tokens : s.n_draft_max,
                                           s.n_draft_max, room});
-        if (!q.active || longest < s.lookup.min_tokens) {
+        if (!q.active || q.parked || longest < s.lookup.min_tokens) {
             continue;
         }
         lookup_draft(q.history, s.lookup.ngram, longest, found);
@@ -210,7 +210,7 @@ int32_t rebuild(pmtp_spec & s) {
     std::vector<llama_pos> at(s.n_seq, -1);
     std::vector<int32_t> kind(s.n_seq, 0);
     for (llama_seq_id seq = 0; seq < s.n_seq; seq++) {
-        if (s.seqs[seq].active) {
+        if (s.seqs[seq].active && !s.seqs[seq].parked) {  // a parked one is a cache: dropped
             keep[seq] = s.seqs[seq].history;  // its pending token last
         }
         at[seq] = s.seqs[seq].failure != 0 ? s.seqs[seq].failed_at : -1;

@@ -100,6 +100,9 @@ class Prompt:
     special: tuple[int, ...] = ()
     #: the chat as rendered (None for a raw completion): parses the answer
     rendered: Optional[RenderedChat] = None
+    #: where a slot should checkpoint a hybrid model's state besides the prompt's end: the
+    #: start of the generation prompt, where the next turn's rendering of this one begins
+    checkpoint_at: tuple[int, ...] = ()
 
 
 def _stop_list(stop: Stop) -> list[str]:
@@ -139,16 +142,36 @@ def prepare_chat(model: Any, messages: Sequence[Mapping[str, Any]], *,
                  response_format: Optional[Mapping[str, Any]] = None, grammar: Optional[str] = None,
                  stop: Stop = None, enable_thinking: Optional[bool] = None, **template_kwargs: Any) -> Prompt:
     """Render a conversation (OpenAI message and tool shapes) with the model's template."""
-    rendered = model.chat_template.render(
-        messages, tools=tools, tool_choice=tool_choice, enable_thinking=enable_thinking,
-        json_schema=_schema_of(response_format), grammar=grammar, **template_kwargs)
+    options = dict(tools=tools, tool_choice=tool_choice, enable_thinking=enable_thinking,
+                   json_schema=_schema_of(response_format), grammar=grammar, **template_kwargs)
+    rendered = model.chat_template.render(messages, **options)
     tokens = model.tokenize(rendered.prompt, add_special=True, parse_special=True)
+    checkpoint_at = _history_end(model, messages, options, rendered.prompt, tokens) if model.is_hybrid or \
+        model.is_recurrent else ()
     special = [ids[0] for ids in (model.tokenize(text, add_special=False, parse_special=True)
                                   for text in rendered.preserved_tokens) if len(ids) == 1]
     # A user's grammar applies as given where the template made no grammar of its own
     # (as in llama-server).
     constraint = rendered.grammar or as_grammar(grammar)
-    return Prompt(tokens, tuple(rendered.stops) + tuple(_stop_list(stop)), constraint, tuple(special), rendered)
+    return Prompt(tokens, tuple(rendered.stops) + tuple(_stop_list(stop)), constraint, tuple(special), rendered,
+                  checkpoint_at)
+
+
+def _history_end(model: Any, messages: Sequence[Mapping[str, Any]], options: dict, prompt: str,
+                 tokens: list[int]) -> tuple[int, ...]:
+    """Tokens of the conversation before its generation prompt (which templates such as
+    Qwen3.5's render unlike the same turn in the next request's history); () if the
+    template's output without it is no prefix of the prompt."""
+    try:
+        history = model.chat_template.render(messages, add_generation_prompt=False, **options).prompt
+    except LlamaError:
+        return ()
+    if not prompt.startswith(history) or len(history) == len(prompt):
+        return ()
+    before = model.tokenize(history, add_special=True, parse_special=True)
+    # Its last token may merge with the generation prompt's first: stop before it.
+    n = len(before) - 1
+    return (n,) if 1 < n < len(tokens) and tokens[:n] == before[:n] else ()
 
 
 def prepare_completion(model: Any, prompt: str, *, stop: Stop = None, grammar: GrammarLike = None,

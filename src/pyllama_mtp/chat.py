@@ -12,12 +12,13 @@ from __future__ import annotations
 from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 from ._resource import Resource
-from .answer import (ChatDelta, ChatOutput, ChatResponse, Completion, Prompt, Sampling, Stop, TokenOutput, Usage,
+from .answer import (ChatDelta, ChatOutput, ChatResponse, Completion, Prompt, Sampling, Stop, Usage,
                      check_chat_template, prepare_chat, prepare_completion, token_budget)
 from .chat_template import RenderedChat
-from .errors import GrammarDeadEndError, NonFiniteLogitsError, StateError
 from .grammar import GrammarLike
 from .model import Model
+from .session import Session
+from .slots import SpeculativeSlots
 from .speculative import SpeculativeDecoder
 
 __all__ = ["LLM", "Usage", "Completion", "ChatResponse", "ChatDelta"]
@@ -40,7 +41,8 @@ class LLM(Resource):
         self.decoder = SpeculativeDecoder.create(model, n_ctx=n_ctx, n_draft=n_draft, adaptive=adaptive,
                                                  n_threads=n_threads, n_batch=n_batch, flash_attn=flash_attn)
         self._owned_model: Optional[Model] = None
-        self._held: list[int] = []  # tokens sequence 0 holds (its pending token last)
+        # One slot: a conversation's next turn decodes only what it adds.
+        self._slots = SpeculativeSlots(self.decoder)
         self._mark_open()
 
     @classmethod
@@ -56,6 +58,7 @@ class LLM(Resource):
         return llm
 
     def _release(self) -> None:
+        self._slots.close()
         self.decoder.close()
         if self._owned_model is not None:
             self._owned_model.close()
@@ -93,66 +96,39 @@ class LLM(Resource):
         assert last.message is not None and last.finish_reason is not None and last.usage is not None
         return ChatResponse(last.message, last.finish_reason, last.usage)
 
-    # -- the engine -------------------------------------------------------------------
-    def _start(self, tokens: list[int]) -> int:
-        """Put ``tokens`` in sequence 0, decoding only what it does not hold yet; returns how
-        many prompt tokens were reused."""
-        held, keep = self._held, 0
-        limit = min(len(held), len(tokens) - 1)  # at least one new token to decode
-        while keep < limit and held[keep] == tokens[keep]:
-            keep += 1
-        if keep < len(held) and keep >= 2:
-            try:
-                self.decoder.truncate(keep)
-            except StateError:  # recurrent state cannot go back that far: start over
-                keep = 0
-        elif keep < len(held):
-            keep = 0
-        if keep == 0:
-            self.decoder.reset()
-        self._held = []
-        self.decoder.prefill(tokens[keep:])
-        self._held = list(tokens)
-        return keep
-
 
 class _Run:
-    """One generation on sequence 0: tokens in, text pieces out, stops and limits applied."""
+    """One generation on the LLM's only slot: a session driven inline."""
 
     def __init__(self, llm: LLM, prompt: Prompt, max_tokens: Optional[int], sampling: Sampling) -> None:
-        self.llm, self.prompt, self.sampling = llm, prompt, sampling
-        self.output = TokenOutput(llm.model, prompt, token_budget(prompt, llm.decoder.target.n_ctx, max_tokens))
-        self.usage = Usage(len(prompt.tokens), 0, 0, 0, 0)
+        self.llm = llm
+        budget = token_budget(prompt, llm.decoder.target.n_ctx, max_tokens)
+        self.session = Session(llm.model, prompt, budget, sampling)
 
     @property
     def finish_reason(self) -> str:
-        return self.output.finish_reason or "length"
+        return self.session.finish_reason
+
+    @property
+    def usage(self) -> Usage:
+        return self.session.usage
 
     def pieces(self) -> Iterator[str]:
-        llm, output = self.llm, self.output
-        decoder = llm.decoder
-        decoder.set_sampling(grammar=self.prompt.grammar, seq_id=0, **self.sampling.as_kwargs())
-        before = decoder.stats
-        reused = llm._start(self.prompt.tokens)
+        slots, session = self.llm._slots, self.session
+        slots.start(0, session)
         try:
-            while not output.done:
-                for token in decoder.step()[0]:
-                    llm._held.append(token)
-                    piece = output.push(token)
-                    if piece:
-                        yield piece
-                    if output.done:
-                        break
-            tail = output.close()
+            while not session.done:
+                produced, drafted, failed = slots.step([session])
+                if failed:
+                    raise failed[0]
+                piece = session.push(produced[0], drafted[0])
+                if piece:
+                    yield piece
+            tail = session.close()
             if tail:
                 yield tail
-        except (NonFiniteLogitsError, GrammarDeadEndError):
-            llm._held = []  # the decoder forgot the sequence
-            raise
         finally:
-            after = decoder.stats
-            self.usage = Usage(len(self.prompt.tokens), output.produced, reused, after.drafted - before.drafted,
-                               after.accepted - before.accepted)
+            slots.finish(0)
 
 
 def _chat_deltas(run: _Run, rendered: Optional[RenderedChat]) -> Iterator[ChatDelta]:

@@ -178,7 +178,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, alias=args.alias,
           n_gpu_layers=args.n_gpu_layers, parallel=args.parallel, n_ctx=args.ctx_size, n_draft=args.draft,
           adaptive=not args.fixed_draft, mtp=not args.no_mtp, queue_size=args.queue_size,
-          n_threads=args.threads)
+          max_checkpoints=args.ctx_checkpoints, checkpoint_every=args.checkpoint_every, n_threads=args.threads)
     return 0
 
 
@@ -274,6 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
     drafting.add_argument("--fixed-draft", action="store_true", help="always draft --draft tokens")
     server.add_argument("--no-mtp", action="store_true", help="plain decoding, no MTP")
     server.add_argument("--queue-size", type=int, default=64, help="requests that may wait for a slot (default 64)")
+    server.add_argument("--ctx-checkpoints", type=int, default=8,
+                        help="recurrent-state checkpoints kept per slot for prefix reuse on hybrid models "
+                             "(default 8; 0: none)")
+    server.add_argument("--checkpoint-every", type=int, default=2048,
+                        help="also checkpoint every N tokens of a long prompt (default 2048)")
     server.add_argument("-ngl", "--n-gpu-layers", type=int, default=-1, help="layers on the GPU (default all)")
     server.add_argument("-t", "--threads", type=int, default=None, help="CPU threads (default: all)")
     server.set_defaults(func=cmd_serve)

@@ -375,15 +375,19 @@ class Context(Resource):
     def pos_min(self, seq_id: int = 0) -> int:
         return self._native.seq_pos_min(self._check_seq(seq_id))
 
-    def save_state(self, seq_id: int = 0) -> bytes:
-        """Serialise one sequence's memory (KV and recurrent state)."""
-        return self._native.state_seq_get(self._check_seq(seq_id))
+    def save_state(self, seq_id: int = 0, *, partial: bool = False) -> bytes:
+        """Serialise one sequence's memory (KV and recurrent state); ``partial``: only
+        what cannot be cut back by position (a hybrid model's recurrent state), a
+        checkpoint that :meth:`load_state` with ``partial=True`` and :meth:`seq_rm` of the
+        positions after it resume from."""
+        return self._native.state_seq_get(self._check_seq(seq_id), partial=bool(partial))
 
-    def load_state(self, data: bytes, seq_id: int = 0) -> None:
-        """Restore a sequence saved by :meth:`save_state` (replacing what it held)."""
+    def load_state(self, data: bytes, seq_id: int = 0, *, partial: bool = False) -> None:
+        """Restore a sequence saved by :meth:`save_state` (replacing what it held; with
+        ``partial``, only the recurrent part)."""
         if not isinstance(data, (bytes, bytearray, memoryview)) or len(data) == 0:
             raise InvalidArgumentError("state data must be non-empty bytes")
-        self._native.state_seq_set(bytes(data), self._check_seq(seq_id))
+        self._native.state_seq_set(bytes(data), self._check_seq(seq_id), partial=bool(partial))
 
     def memory_breakdown(self) -> list[dict[str, Any]]:
         """Bytes per buffer type: model weights, context (KV, recurrent state), compute."""

@@ -22,12 +22,13 @@ from .context import Context, snapshot_bytes, time_limit
 from .errors import ContextFullError, InvalidArgumentError
 from .generation import Sampler
 from .grammar import GrammarLike
+from .speculative_steps import StepByStep
 from .stats import MemoryReport, SpeculativeStats
 
 __all__ = ["SpeculativeDecoder", "SpeculativeStats", "MemoryReport"]
 
 
-class SpeculativeDecoder(Resource):
+class SpeculativeDecoder(StepByStep, Resource):
     """Greedy MTP speculative decoding over a target context and its MTP draft context.
 
     Output is token-for-token what plain greedy decoding of the target would produce:
@@ -221,11 +222,6 @@ class SpeculativeDecoder(Resource):
     def n_seq(self) -> int:
         return self._native.n_seq
 
-    def _check_seq(self, seq_id: int) -> int:
-        if not isinstance(seq_id, (int, np.integer)) or not 0 <= seq_id < self.n_seq:
-            raise InvalidArgumentError(f"sequence id {seq_id!r} is outside [0, {self.n_seq})")
-        return int(seq_id)
-
     # -- high level -------------------------------------------------------------------
     def prefill(self, prompt: Union[str, Iterable[int]], seq_id: int = 0) -> None:
         """Evaluate a prompt on a sequence (continuing it if already started)."""
@@ -389,85 +385,6 @@ class SpeculativeDecoder(Resource):
         """``with decoder.time_limit(2.0):`` steps in the block raise
         :class:`DecodeTimeoutError` once 2 s have passed; the decoder stays consistent."""
         return time_limit((native_handle(self._target), native_handle(self._draft_ctx)), seconds)
-
-    # -- low level --------------------------------------------------------------------
-    def draft(self, n: Optional[int] = None, seq_id: int = 0) -> list[int]:
-        """Draft up to ``n`` tokens for a sequence with the MTP head (nothing evaluated yet)."""
-        seq_id = self._check_seq(seq_id)
-        n = int_arg("n", self.n_draft if n is None else n, 1, self._native.n_draft_max)
-        limits = np.zeros(self.n_seq, dtype=np.int32)
-        limits[seq_id] = n
-        self._native.draft(limits, self.p_min)
-        return self._native.get_draft(seq_id)[0]
-
-    def draft_probabilities(self, seq_id: int = 0) -> list[float]:
-        """The MTP head's probability of each token of the current draft."""
-        return self._native.get_draft(self._check_seq(seq_id))[1]
-
-    def set_draft(self, tokens: Iterable[int], seq_id: int = 0) -> None:
-        """Propose a draft of your own (n-gram lookup, another model) for :meth:`verify`."""
-        array = self._target.model.check_tokens(list(tokens))
-        if len(array) > self._native.n_draft_max:
-            raise InvalidArgumentError(f"a draft holds at most {self._native.n_draft_max} tokens")
-        self._native.set_draft(self._check_seq(seq_id), np.ascontiguousarray(array, dtype=np.int32))
-
-    def verify(self) -> list[list[int]]:
-        """Evaluate pending token + draft of every active sequence in one target batch.
-
-        Returns, per sequence, the target's greedy choice after the pending token and
-        after each draft token (draft length + 1 tokens).
-        """
-        self._native.verify()
-        return [self._native.target_choices(seq) for seq in range(self.n_seq)]
-
-    def verified_logits(self, row: int, seq_id: int = 0) -> np.ndarray:
-        """Target logits at verify row ``row`` (0: after the pending token) of the last verify."""
-        index = self._native.verify_row(self._check_seq(seq_id), row)
-        return native_handle(self._target).logits(index, self._target.model.n_vocab)
-
-    def accept(self, n: int, next_token: Optional[int] = None, seq_id: int = 0) -> list[int]:
-        """Keep the first ``n`` verified draft tokens; the rest are rolled back everywhere.
-
-        ``next_token`` becomes the new pending token; by default the target's greedy choice
-        after the last kept token. Returns the tokens this produced (kept drafts + next).
-        """
-        seq_id = self._check_seq(seq_id)
-        draft, _ = self._native.get_draft(seq_id)
-        choices = self._native.target_choices(seq_id)
-        if not choices:
-            raise InvalidArgumentError("nothing to accept: call verify() first")
-        n = int_arg("n", n, 0, len(draft))  # at most the verified draft length
-        token = choices[n] if next_token is None else int(next_token)
-        self._target.model.check_tokens([token])
-        self._native.accept(seq_id, n, token)
-        return draft[:n] + [token]
-
-    def rollback(self, seq_id: int = 0) -> list[int]:
-        """Reject the whole verified draft: keep only the target's own next token."""
-        return self.accept(0, seq_id=seq_id)
-
-    def pending(self, seq_id: int = 0) -> tuple[int, int]:
-        """(pending token, its position): the token produced but not yet evaluated."""
-        active, token, n_past = self._native.seq_state(self._check_seq(seq_id))
-        if not active:
-            raise InvalidArgumentError(f"sequence {seq_id} has not been prefilled")
-        return token, n_past
-
-    def truncate(self, n_keep: int, seq_id: int = 0) -> None:
-        """Keep the first ``n_keep`` tokens of a sequence (its pending token included), the
-        last of them pending: a conversation then continues from a common prefix with
-        :meth:`prefill`. A recurrent target goes back only as far as its snapshots:
-        further back, :class:`StateError` is raised and the sequence is reset."""
-        seq_id = self._check_seq(seq_id)
-        active, _, n_past = self._native.seq_state(seq_id)
-        if not active or not isinstance(n_keep, int) or not 2 <= n_keep <= n_past:
-            raise InvalidArgumentError(f"n_keep must be an int in [2, {n_past}] (tokens the sequence has "
-                                       f"evaluated), got {n_keep!r}")
-        self._native.truncate(seq_id, n_keep)
-
-    def reset(self, seq_id: int = 0) -> None:
-        """Forget a sequence in both contexts."""
-        self._native.reset_seq(self._check_seq(seq_id))
 
     # -- memory -----------------------------------------------------------------------
     def memory_report(self) -> "MemoryReport":

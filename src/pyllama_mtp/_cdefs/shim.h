@@ -121,5 +121,13 @@ int32_t pmtp_spec_step_each(pmtp_spec * spec, const int32_t * n_draft, float p_m
 int32_t pmtp_spec_seq_state(const pmtp_spec * spec, llama_seq_id seq, llama_token * id_last, llama_pos * n_past);
 int32_t pmtp_spec_truncate(pmtp_spec * spec, llama_seq_id seq, int32_t n_keep);
 int32_t pmtp_spec_reset_seq(pmtp_spec * spec, llama_seq_id seq);
+int32_t pmtp_spec_park(pmtp_spec * spec, llama_seq_id seq, int32_t parked);
+int32_t pmtp_spec_enqueue(pmtp_spec * spec, llama_seq_id seq, const llama_token * tokens, int32_t n, int32_t ready);
+typedef struct pmtp_spec_checkpoint pmtp_spec_checkpoint;
+int32_t pmtp_spec_checkpoint_new(pmtp_spec * spec, llama_seq_id seq, pmtp_spec_checkpoint ** out);
+int32_t pmtp_spec_checkpoint_restore(pmtp_spec * spec, llama_seq_id seq, const pmtp_spec_checkpoint * checkpoint);
+int64_t pmtp_spec_checkpoint_bytes(const pmtp_spec_checkpoint * checkpoint);
+int32_t pmtp_spec_checkpoint_n_tokens(const pmtp_spec_checkpoint * checkpoint);
+void    pmtp_spec_checkpoint_free(pmtp_spec_checkpoint * checkpoint);
 void    pmtp_spec_get_stats(const pmtp_spec * spec, pmtp_spec_stats * out);
 void    pmtp_spec_reset_stats(pmtp_spec * spec);

@@ -15,7 +15,7 @@ from .context import ContextConfig, NativeContext
 from .interrupt import monotonic_us
 from .model import NativeModel
 from .sampler import NativeSampler, grammar_trial
-from .speculative import PMTP_DRAFT_REST, PMTP_MAX_DRAFT_CAPACITY, NativeSpeculative
+from .speculative import PMTP_DRAFT_REST, PMTP_MAX_DRAFT_CAPACITY, NativeCheckpoint, NativeSpeculative
 from .status import check_status
 from .system import (
     QUANT_TYPES,
@@ -33,7 +33,8 @@ from .system import (
 )
 
 __all__ = [
-    "ContextConfig", "NativeChatTemplates", "NativeContext", "NativeModel", "NativeSampler", "NativeSpeculative",
+    "ContextConfig", "NativeChatTemplates", "NativeCheckpoint", "NativeContext", "NativeModel", "NativeSampler",
+    "NativeSpeculative",
     "PMTP_DRAFT_REST", "PMTP_MAX_DRAFT_CAPACITY", "QUANT_TYPES", "DeviceInfo", "add_rpc_server", "backend_loading",
     "check_status", "chat_parse", "compiled_backends", "cpu_features", "cpu_variant", "default_threads", "devices", "grammar_trial", "json_schema_to_grammar",
     "llama_commit",

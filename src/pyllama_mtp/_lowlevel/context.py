@@ -174,20 +174,24 @@ class NativeContext(NativeHandle):
             self.ptr()
             return int(lib.llama_memory_seq_pos_max(self.memory, seq_id))
 
-    def state_seq_get(self, seq_id: int) -> bytes:
+    def state_seq_get(self, seq_id: int, partial: bool = False) -> bytes:
+        """A sequence's memory; ``partial``: only what cannot be cut back by position
+        (recurrent state; llama.cpp's LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY)."""
+        flags = lib.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY if partial else 0
         with self.lock:
             ptr = self.ptr()
-            size = lib.llama_state_seq_get_size(ptr, seq_id)
+            size = lib.llama_state_seq_get_size_ext(ptr, seq_id, flags)
             buf = ffi.new("uint8_t[]", max(size, 1))
-            written = lib.llama_state_seq_get_data(ptr, buf, size, seq_id)
+            written = lib.llama_state_seq_get_data_ext(ptr, buf, size, seq_id, flags)
             if written == 0 and size != 0:
                 raise StateError(f"could not save the state of sequence {seq_id}")
             return ffi.buffer(buf, written)[:]
 
-    def state_seq_set(self, data: bytes, seq_id: int) -> None:
+    def state_seq_set(self, data: bytes, seq_id: int, partial: bool = False) -> None:
+        flags = lib.LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY if partial else 0
         with self.lock:
             ptr = self.ptr()
-            read = lib.llama_state_seq_set_data(ptr, ffi.from_buffer(data), len(data), seq_id)
+            read = lib.llama_state_seq_set_data_ext(ptr, ffi.from_buffer(data), len(data), seq_id, flags)
             if read == 0:
                 raise StateError(f"could not restore the state of sequence {seq_id} "
                                  "(data from another model or context shape?)")

@@ -190,6 +190,20 @@ class NativeSpeculative(NativeHandle):
         with self._locked(computes=False) as call:
             call.check(lib.pmtp_spec_reset_seq(self.ptr(), seq), "reset sequence")
 
+    def park(self, seq: int, parked: bool) -> None:
+        with self.lock:
+            check_status(lib.pmtp_spec_park(self.ptr(), seq, int(parked)), "park the sequence")
+
+    def checkpoint(self, seq: int) -> "NativeCheckpoint":
+        out = ffi.new("pmtp_spec_checkpoint **")
+        with self._locked(computes=False) as call:
+            call.check(lib.pmtp_spec_checkpoint_new(self.ptr(), seq, out), "save a checkpoint")
+        return NativeCheckpoint(out[0])
+
+    def restore(self, seq: int, checkpoint: "NativeCheckpoint") -> None:
+        with self._locked(computes=False) as call:
+            call.check(lib.pmtp_spec_checkpoint_restore(self.ptr(), seq, checkpoint.ptr), "restore a checkpoint")
+
     def stats(self) -> dict[str, Any]:
         """Every field of the C ``pmtp_spec_stats`` by its C name; per-position arrays cut
         to ``n_draft_max`` (the struct, declared once in the shim's header, is the list)."""
@@ -213,3 +227,18 @@ class NativeSpeculative(NativeHandle):
     def reset_stats(self) -> None:
         with self.lock:
             lib.pmtp_spec_reset_stats(self.ptr())
+
+
+class NativeCheckpoint:
+    """A sequence's saved recurrent and step state (see pmtp_spec_checkpoint_new); freed
+    with :meth:`free` or when no longer referenced."""
+
+    def __init__(self, ptr: Any) -> None:
+        self.ptr = ffi.gc(ptr, lib.pmtp_spec_checkpoint_free)
+        self.nbytes = int(lib.pmtp_spec_checkpoint_bytes(ptr))
+        self.n_tokens = int(lib.pmtp_spec_checkpoint_n_tokens(ptr))
+
+    def free(self) -> None:
+        if self.ptr is not None:
+            ffi.release(self.ptr)
+            self.ptr = None

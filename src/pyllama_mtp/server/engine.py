@@ -1,10 +1,12 @@
 """Continuous batching: one engine thread owns the decoder and serves every request.
 
 Requests wait in a bounded queue; between two steps the engine moves waiting requests
-into free sequence slots (prefilling their prompts), drops the ones whose client went
-away, and runs one batched step over every busy slot, each with its own sampler,
-grammar, stop strings, token budget and draft length. A request leaves its slot the
-step it finishes, so a new one never waits for a whole batch.
+into free sequence slots (:mod:`pyllama_mtp.slots`: the slot whose cached tokens share
+the longest prefix with the prompt, which then decodes only the rest), drops the ones
+whose client went away, and runs one batched step over every busy slot, each with its
+own sampler, grammar, stop strings, token budget and draft length. A request leaves its
+slot the step it finishes, so a new one never waits for a whole batch; the slot keeps
+its memory for the next request that shares its prefix.
 
 Results go back through each job's ``sink`` (called on the engine thread: the HTTP layer
 hands them to its event loop). Nothing a request does can stop the thread: a request
@@ -20,12 +22,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Union
 
-import numpy as np
-
-from ..answer import Prompt, Sampling, TokenOutput, Usage, token_budget
-from ..context import Batch, Context
-from ..errors import GrammarDeadEndError, InvalidArgumentError, LlamaError, NonFiniteLogitsError
-from ..generation import Sampler
+from ..answer import Prompt, Sampling, Usage, token_budget
+from ..context import Context
+from ..errors import InvalidArgumentError, LlamaError
+from ..session import Session
+from ..slots import PlainSlots, Slots, SpeculativeSlots
 from ..speculative import SpeculativeDecoder
 
 logger = logging.getLogger(__name__)
@@ -80,139 +81,7 @@ class Job:
 @dataclass
 class _Busy:
     job: Job
-    output: TokenOutput
-    started: float
-    prompt_s: float
-    drafted: int = 0
-    accepted: int = 0
-
-
-class _SpeculativeDriver:
-    """Slots are the sequences of one MTP speculative decoder."""
-
-    def __init__(self, model: Any, slots: int, n_ctx: int, n_draft: int, adaptive: bool, **context: Any) -> None:
-        self.decoder = SpeculativeDecoder.create(model, n_ctx=n_ctx, n_draft=n_draft, n_seq_max=slots,
-                                                 adaptive=adaptive, **context)
-        self.n_draft = n_draft
-        self.adaptive = adaptive
-
-    def start(self, slot: int, job: Job) -> None:
-        self.decoder.set_sampling(grammar=job.prompt.grammar, seq_id=slot, **job.sampling.as_kwargs())
-        self.decoder.prefill(job.prompt.tokens, slot)
-
-    def step(self, busy: list[Optional[_Busy]]) -> tuple[list[list[int]], list[int], dict[int, Exception]]:
-        lengths: list[Optional[int]] = []
-        for entry in busy:
-            if entry is None:
-                lengths.append(0)
-            elif entry.job.n_draft is not None:
-                lengths.append(min(entry.job.n_draft, self.decoder.n_draft))
-            elif self.adaptive and entry.job.sampling.temperature <= 0:
-                lengths.append(None)  # the batch-aware plan
-            else:
-                # A sampled request's draft length never depends on the load, so a fixed
-                # seed gives the same answer alone or among others.
-                lengths.append(self.n_draft)
-        try:
-            produced = self.decoder.step(lengths)
-        except (NonFiniteLogitsError, GrammarDeadEndError) as error:  # those fail; the others' tokens came
-            assert error.produced is not None
-            return error.produced, self.decoder.last_drafted, dict(error.failed)
-        return produced, self.decoder.last_drafted, {}
-
-    def release(self, slot: int) -> None:
-        self.decoder.reset(slot)
-        self.decoder.set_sampling(seq_id=slot)  # frees the request's grammar
-
-    def acceptance_at(self) -> list[tuple[int, int]]:
-        stats = self.decoder.stats
-        return list(zip(stats.drafted_at, stats.accepted_at))
-
-    def close(self) -> None:
-        self.decoder.close()
-
-
-class _PlainDriver:
-    """Slots are the sequences of one context; no MTP (``--no-mtp``)."""
-
-    def __init__(self, model: Any, slots: int, n_ctx: int, **context: Any) -> None:
-        self.context = Context(model, n_ctx=n_ctx, n_seq_max=slots, **context)
-        self.samplers: list[Optional[Sampler]] = [None] * slots
-        self.pending = [0] * slots  # each slot's next token, not yet evaluated
-        self.evaluated: list[list[int]] = [[] for _ in range(slots)]  # what each slot's memory holds
-
-    def start(self, slot: int, job: Job) -> None:
-        self.samplers[slot] = Sampler(grammar=job.prompt.grammar, **job.sampling.as_kwargs())
-        self.context.seq_rm(slot)
-        self._evaluate(slot, job.prompt.tokens)
-
-    def _evaluate(self, slot: int, tokens: list[int]) -> None:
-        """All but the last token into the slot's memory; the last is its pending token."""
-        for begin in range(0, len(tokens) - 1, self.context.n_batch):
-            chunk = tokens[begin:min(begin + self.context.n_batch, len(tokens) - 1)]
-            self.context.decode(Batch(chunk, seq_ids=slot, outputs=False))
-        self.evaluated[slot] = list(tokens[:-1])
-        self.pending[slot] = tokens[-1]
-
-    def step(self, busy: list[Optional[_Busy]]) -> tuple[list[list[int]], list[int], dict[int, Exception]]:
-        slots = [slot for slot, entry in enumerate(busy) if entry is not None]
-        self.context.decode(Batch([self.pending[slot] for slot in slots], seq_ids=slots, outputs=True))
-        for slot in slots:
-            self.evaluated[slot].append(self.pending[slot])
-        produced: list[list[int]] = [[] for _ in busy]
-        failed: dict[int, Exception] = {}
-        for index, slot in enumerate(slots):
-            sampler = self.samplers[slot]
-            assert sampler is not None
-            try:
-                self.pending[slot] = self.context.sample(sampler, index)
-            except (NonFiniteLogitsError, GrammarDeadEndError) as error:  # that request fails, the others go on
-                failed[slot] = error
-                continue
-            produced[slot] = [self.pending[slot]]
-        suspects = [slot for slot, error in failed.items() if isinstance(error, NonFiniteLogitsError)]
-        if suspects:
-            for slot in self._rebuild(slots, suspects, failed):
-                del failed[slot]  # only reached by another's NaN: it goes on next step
-        return produced, [0] * len(busy), failed
-
-    def _rebuild(self, slots: list[int], suspects: list[int], failed: dict[int, Exception]) -> list[int]:
-        """llama.cpp lets NaN in one sequence's memory reach others (see pmtp_spec_rebuild):
-        each suspect is evaluated alone in cleared memory; those whose logits are then
-        finite were only reached. The memory is cleared, data included, and every slot but
-        the failed ones is evaluated again. Returns the suspects that were only reached."""
-        # A failed slot's pending token was evaluated; any other's new pending token was not.
-        histories = {slot: self.evaluated[slot] + ([] if slot in failed else [self.pending[slot]]) for slot in slots}
-        reached = []
-        for slot in suspects:
-            self.context.clear()
-            self._evaluate(slot, histories[slot])
-            self.context.decode(Batch([self.pending[slot]], seq_ids=slot, outputs=True))
-            if np.isfinite(self.context.logits(-1)).all():
-                reached.append(slot)
-        if len(reached) == len(suspects):  # no source alone: they fail together
-            reached = []
-        self.context.clear()
-        for slot in slots:
-            if slot not in failed or slot in reached:
-                self._evaluate(slot, histories[slot])
-        return reached
-
-    def release(self, slot: int) -> None:
-        self.context.seq_rm(slot)
-        self.evaluated[slot] = []
-        sampler, self.samplers[slot] = self.samplers[slot], None
-        if sampler is not None:
-            sampler.close()
-
-    def acceptance_at(self) -> list[tuple[int, int]]:
-        return []
-
-    def close(self) -> None:
-        for sampler in self.samplers:
-            if sampler is not None:
-                sampler.close()
-        self.context.close()
+    session: Session
 
 
 @dataclass
@@ -226,8 +95,40 @@ class EngineCounters:
     drafted: int = 0
     accepted: int = 0
     steps: int = 0
+    #: prompt tokens taken from a slot's cache instead of decoded
+    cached_tokens: int = 0
+    #: recurrent-state checkpoints the slots keep (count, bytes)
+    checkpoints: int = 0
+    checkpoint_bytes: int = 0
     #: (drafted, accepted) at each draft position, from the decoder
     acceptance_at: list = field(default_factory=list)
+
+
+def make_slots(model: Any, parallel: int, n_ctx: int, *, mtp: bool = True, n_draft: int = 3,
+               adaptive: bool = True, max_checkpoints: int = 8, checkpoint_every: int = 2048,
+               **context: Any) -> Slots:
+    """The engine's slots: a decoder's sequences (MTP) or a context's (plain)."""
+    cache = dict(max_checkpoints=max_checkpoints, checkpoint_every=checkpoint_every)
+    if mtp:
+        decoder = SpeculativeDecoder.create(model, n_ctx=n_ctx, n_draft=n_draft, n_seq_max=parallel,
+                                            adaptive=adaptive, **context)
+        try:
+            return SpeculativeSlots(decoder, **cache)
+        except BaseException:
+            decoder.close()
+            raise
+    ctx = Context(model, n_ctx=n_ctx, n_seq_max=parallel, **context)
+    try:
+        return PlainSlots(ctx, **cache)
+    except BaseException:
+        ctx.close()
+        raise
+
+
+def close_slots(slots: Slots) -> None:
+    slots.close()
+    owner = slots.decoder if isinstance(slots, SpeculativeSlots) else slots.context
+    owner.close()
 
 
 class Engine:
@@ -235,7 +136,8 @@ class Engine:
     ``n_ctx // parallel`` tokens (prompt and answer)."""
 
     def __init__(self, model: Any, *, parallel: int = 1, n_ctx: int = 4096, n_draft: int = 3,
-                 adaptive: bool = True, mtp: bool = True, queue_size: int = 64, **context: Any) -> None:
+                 adaptive: bool = True, mtp: bool = True, queue_size: int = 64, max_checkpoints: int = 8,
+                 checkpoint_every: int = 2048, **context: Any) -> None:
         for name, value in (("parallel", parallel), ("queue_size", queue_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidArgumentError(f"{name} must be an int >= 1, got {value!r}")
@@ -256,14 +158,14 @@ class Engine:
         # llama.cpp's CPU backend (OpenMP) keeps a worker team per calling thread, and a
         # context warmed up on one thread then driven from another ran at half speed
         # (measured: 17 ms per token on one thread, 37 ms after a warm-up on another).
-        self._driver: Optional[Union[_SpeculativeDriver, _PlainDriver]] = None
+        self._slots: Optional[Slots] = None
         made = threading.Event()
         failure: list[BaseException] = []
 
-        def make() -> Union[_SpeculativeDriver, _PlainDriver]:
+        def make() -> Slots:
             try:
-                return (_SpeculativeDriver(model, parallel, n_ctx, n_draft, adaptive, **context) if mtp
-                        else _PlainDriver(model, parallel, n_ctx, **context))
+                return make_slots(model, parallel, n_ctx, mtp=mtp, n_draft=n_draft, adaptive=adaptive,
+                                  max_checkpoints=max_checkpoints, checkpoint_every=checkpoint_every, **context)
             except BaseException as error:
                 failure.append(error)
                 raise
@@ -311,15 +213,15 @@ class Engine:
         return self._thread.is_alive()
 
     # -- the engine thread ------------------------------------------------------------
-    def _run(self, make: Callable[[], Union[_SpeculativeDriver, _PlainDriver]]) -> None:
+    def _run(self, make: Callable[[], Slots]) -> None:
         try:
-            self._driver = make()
+            self._slots = make()
         except BaseException:
             return  # the constructor raises it
         try:
             self._serve()
         finally:
-            self._driver.close()
+            close_slots(self._slots)
 
     def _serve(self) -> None:
         while True:
@@ -345,9 +247,10 @@ class Engine:
             self._waiting.clear()
 
     def _admit(self) -> None:
-        for slot in range(self.parallel):
-            if self._busy[slot] is not None:
-                continue
+        while True:
+            free = [slot for slot in range(self.parallel) if self._busy[slot] is None]
+            if not free:
+                return
             with self._cond:
                 job = self._waiting.popleft() if self._waiting else None
             if job is None:
@@ -355,18 +258,18 @@ class Engine:
             if job.cancelled.is_set():
                 self.counters.requests["cancelled"] += 1
                 continue
-            started = time.perf_counter()
+            session = Session(self.model, job.prompt, job.budget, job.sampling, job.n_draft)
+            slot = self._slots.choose(free, job.prompt.tokens)
             try:
-                self._driver.start(slot, job)
+                self._slots.start(slot, session)
             except Exception as error:  # the request's fault (or llama.cpp's error for it)
-                self._release(slot)
                 self.counters.requests["failed"] += 1
                 job.sink(Failed(error))
                 continue
             self.counters.prompt_tokens += len(job.prompt.tokens)
-            self._busy[slot] = _Busy(job, TokenOutput(self.model, job.prompt, job.budget), started,
-                                     time.perf_counter() - started)
-            if self._busy[slot].output.done:  # max_tokens 0
+            self.counters.cached_tokens += session.reused
+            self._busy[slot] = _Busy(job, session)
+            if session.done:  # max_tokens 0
                 self._finish(slot)
 
     def _drop_cancelled(self) -> None:
@@ -376,8 +279,9 @@ class Engine:
                 self._release(slot)
 
     def _step(self) -> None:
+        sessions = [entry.session if entry is not None else None for entry in self._busy]
         try:
-            produced, drafted, failed = self._driver.step(self._busy)
+            produced, drafted, failed = self._slots.step(sessions)
         except Exception as error:
             self._fail_all(error)
             return
@@ -387,45 +291,39 @@ class Engine:
         for slot, entry in enumerate(self._busy):
             if entry is None or not produced[slot]:
                 continue
-            entry.drafted += drafted[slot]
-            entry.accepted += len(produced[slot]) - 1
-            pieces = []
-            for token in produced[slot]:
-                pieces.append(entry.output.push(token))
-                if entry.output.done:
-                    break
-            text = "".join(pieces)
+            text = entry.session.push(produced[slot], drafted[slot])
             if text:  # one hand-over per step, however many tokens it produced
                 entry.job.sink(Piece(text))
-            if entry.output.done:
+            if entry.session.done:
                 self._finish(slot)
         if self.counters.steps % 16 == 1:  # for /metrics; reading the C counters costs a little
-            self.counters.acceptance_at = self._driver.acceptance_at()
+            self.counters.acceptance_at = self._slots.acceptance_at()
+            self.counters.checkpoints = self._slots.checkpoint_count
+            self.counters.checkpoint_bytes = self._slots.checkpoint_bytes
 
     def _finish(self, slot: int) -> None:
         entry = self._busy[slot]
         assert entry is not None
-        output = entry.output
-        tail = output.close()
+        session = entry.session
+        tail = session.close()
         if tail:
             entry.job.sink(Piece(tail))
-        generation_s = max(time.perf_counter() - entry.started - entry.prompt_s, 1e-9)
-        usage = Usage(len(entry.job.prompt.tokens), output.produced, 0, entry.drafted, entry.accepted)
-        timings = {"prompt_n": len(entry.job.prompt.tokens), "prompt_ms": entry.prompt_s * 1e3,
-                   "predicted_n": output.produced, "predicted_ms": generation_s * 1e3,
-                   "predicted_per_second": output.produced / generation_s,
-                   "draft_n": entry.drafted, "draft_n_accepted": entry.accepted}
+        usage, timings = session.usage, session.timings
         self.counters.requests["completed"] += 1
-        self.counters.completion_tokens += output.produced
-        self.counters.drafted += entry.drafted
-        self.counters.accepted += entry.accepted
+        self.counters.completion_tokens += usage.completion_tokens
+        self.counters.drafted += usage.drafted_tokens
+        self.counters.accepted += usage.accepted_tokens
         self._release(slot)
-        entry.job.sink(Finished(output.finish_reason or "stop", usage, timings))
+        entry.job.sink(Finished(session.finish_reason, usage, timings))
 
-    def _release(self, slot: int) -> None:
+    def _release(self, slot: int, keep: bool = True) -> None:
+        """Free the slot; ``keep``: its memory stays as a cached prefix."""
         self._busy[slot] = None
         try:
-            self._driver.release(slot)
+            if keep:
+                self._slots.finish(slot)
+            else:
+                self._slots.forget(slot)
         except Exception:
             logger.exception("releasing slot %d failed", slot)
 
@@ -438,5 +336,5 @@ class Engine:
         entry = self._busy[slot]
         if entry is not None:
             self.counters.requests["failed"] += 1
-            self._release(slot)
+            self._release(slot, keep=False)
             entry.job.sink(Failed(error))

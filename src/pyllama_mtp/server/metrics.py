@@ -27,7 +27,9 @@ class _EngineCollector:
             http.add_metric([path, str(status)], count)
         yield http
         for name, text, value in (
-                ("prompt_tokens", "Prompt tokens evaluated", counters.prompt_tokens),
+                ("prompt_tokens", "Prompt tokens of requests", counters.prompt_tokens),
+                ("prompt_cached_tokens", "Prompt tokens taken from a slot's cache, not decoded",
+                 counters.cached_tokens),
                 ("completion_tokens", "Tokens generated", counters.completion_tokens),
                 ("draft_tokens", "MTP draft tokens verified", counters.drafted),
                 ("draft_accepted_tokens", "MTP draft tokens accepted", counters.accepted),
@@ -42,6 +44,10 @@ class _EngineCollector:
         yield GaugeMetricFamily("pyllama_mtp_slots_busy", "Sequence slots generating now", value=self.engine.slots_busy)
         yield GaugeMetricFamily("pyllama_mtp_slots", "Sequence slots", value=self.engine.parallel)
         yield GaugeMetricFamily("pyllama_mtp_queue_length", "Requests waiting for a slot", value=self.engine.queue_length)
+        yield GaugeMetricFamily("pyllama_mtp_cache_checkpoints", "Recurrent-state checkpoints the slots keep",
+                                value=counters.checkpoints)
+        yield GaugeMetricFamily("pyllama_mtp_cache_checkpoint_bytes", "Memory of those checkpoints",
+                                value=counters.checkpoint_bytes)
 
 
 def render_metrics(engine: Any, http_requests: dict) -> tuple[bytes, str]:

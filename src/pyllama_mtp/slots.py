@@ -1,0 +1,400 @@
+"""Sequence slots with prefix reuse: the sequences of one MTP decoder or one plain
+context, each running a :class:`~pyllama_mtp.session.Session` at a time.
+
+:meth:`Slots.start` puts a request's prompt on a slot decoding only what the slot does not
+hold yet: a finished request leaves its tokens in the slot's memory (parked: kept, not
+stepped), and the next prompt keeps the longest prefix it shares with them. Attention
+memory cuts back to any position; a hybrid or recurrent model's state cannot go back, so
+a slot keeps checkpoints of it (at the end of each prompt; where a chat's generation
+prompt starts, since templates render a past turn unlike the prompt that asked for it,
+or four tokens before the end of a raw prompt; and every ``checkpoint_every`` tokens of a
+long prompt; at most ``max_checkpoints`` per slot, the oldest dropped) and resumes from
+the last one inside the shared prefix. The MTP drafter keeps its KV up to the same
+point and the hidden row its next draft pairs with (saved with the checkpoint).
+:meth:`Slots.step` advances every running slot in one batched step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from .context import Batch, Context
+from .errors import GrammarDeadEndError, InvalidArgumentError, NonFiniteLogitsError, StateError
+from .generation import Sampler
+from .session import Session
+from .speculative import SpeculativeDecoder
+
+__all__ = ["Slots", "SpeculativeSlots", "PlainSlots"]
+
+# Step results: each slot's tokens, each slot's verified draft length, the failed slots.
+StepResult = tuple[list[list[int]], list[int], dict[int, Exception]]
+# Without a hint from the template, a checkpoint this many tokens before a prompt's end
+# survives a text that the next prompt continues with merged tokens (llama-server: 4).
+_END_MARGIN = 4
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    diff = np.flatnonzero(np.asarray(a[:n], dtype=np.int64) != np.asarray(b[:n], dtype=np.int64))
+    return int(diff[0]) if diff.size else n
+
+
+@dataclass
+class _Held:
+    """What a slot's memory holds: its tokens (the pending one last) and checkpoints."""
+
+    tokens: list[int] = field(default_factory=list)
+    checkpoints: list[Any] = field(default_factory=list)  # each with .n_tokens, .nbytes; oldest first
+    used_at: float = 0.0
+
+
+class Slots:
+    """The prefix logic, written once; subclasses give the sequence operations."""
+
+    def __init__(self, n_slots: int, recurrent: bool, *, max_checkpoints: int = 8,
+                 checkpoint_every: int = 2048) -> None:
+        for name, value in (("max_checkpoints", max_checkpoints), ("checkpoint_every", checkpoint_every)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "max_checkpoints" else 1):
+                raise InvalidArgumentError(f"{name} must be an int >= {0 if name == 'max_checkpoints' else 1}, "
+                                           f"got {value!r}")
+        self.n_slots = n_slots
+        self.recurrent = recurrent
+        self.max_checkpoints = max_checkpoints
+        self.checkpoint_every = checkpoint_every
+        self._held = [_Held() for _ in range(n_slots)]
+
+    # -- what subclasses provide ------------------------------------------------------
+    def _prefill(self, slot: int, tokens: list[int]) -> None: ...
+    def _cut(self, slot: int, n_keep: int) -> int:
+        """Keep the first n_keep tokens (the last pending); returns those not decoded again."""
+        raise NotImplementedError
+    def _save(self, slot: int) -> Any: ...
+    def _restore(self, slot: int, checkpoint: Any) -> None: ...
+    def _reset(self, slot: int) -> None: ...
+    def _park(self, slot: int) -> None: ...
+    def _unpark(self, slot: int) -> None: ...
+    def _configure(self, slot: int, session: Session) -> None: ...
+    def _step(self, sessions: Sequence[Optional[Session]]) -> StepResult: ...
+    def _holds(self, slot: int) -> bool:
+        """Whether the slot's memory still holds its tokens (a rebuild after NaN drops caches)."""
+        return True
+
+    # -- reuse ------------------------------------------------------------------------
+    def _plan(self, slot: int, tokens: list[int]) -> tuple[str, Any, int]:
+        """(how, argument, prompt tokens not decoded again) for starting ``tokens`` here."""
+        held = self._held[slot]
+        shared = common_prefix(held.tokens, tokens)
+        if held.tokens and shared == len(held.tokens):
+            return "continue", None, shared - 1  # the pending token is evaluated with the rest
+        keep = min(shared, len(tokens))
+        if not self.recurrent and keep >= 2:
+            return "cut", keep, keep - 2
+        usable = [c for c in held.checkpoints if c.n_tokens <= keep]
+        if usable:
+            best = max(usable, key=lambda c: c.n_tokens)
+            return "restore", best, best.n_tokens - 1
+        return "reset", None, 0
+
+    def reusable(self, slot: int, tokens: list[int]) -> int:
+        """Prompt tokens a start on this slot would not decode again."""
+        return self._plan(slot, tokens)[2]
+
+    def choose(self, free: Sequence[int], tokens: list[int]) -> int:
+        """The free slot that reuses most of ``tokens``; among equals the least recently
+        used (so other cached prefixes live longer)."""
+        return max(free, key=lambda slot: (self.reusable(slot, tokens), -self._held[slot].used_at))
+
+    @property
+    def checkpoint_bytes(self) -> int:
+        return sum(c.nbytes for held in self._held for c in held.checkpoints)
+
+    @property
+    def checkpoint_count(self) -> int:
+        return sum(len(held.checkpoints) for held in self._held)
+
+    # -- a session's life -------------------------------------------------------------
+    def start(self, slot: int, session: Session) -> int:
+        """Put the session's prompt on ``slot``; returns the prompt tokens reused."""
+        tokens = list(session.prompt.tokens)
+        held = self._held[slot]
+        held.used_at = time.monotonic()
+        if held.tokens and not self._holds(slot):
+            self._drop(slot)
+        how, argument, reused = self._plan(slot, tokens)
+        self._configure(slot, session)
+        try:
+            if how == "continue":
+                at = len(held.tokens)
+            elif how == "cut":
+                reused = self._cut(slot, argument)
+                at = argument
+            elif how == "restore":
+                self._restore(slot, argument)
+                at = argument.n_tokens
+            else:
+                self._reset(slot)
+                at = 0
+            held.checkpoints = [c for c in held.checkpoints if c.n_tokens <= at]
+            held.tokens = tokens[:at]
+            self._prefill_from(slot, tokens, at, session.prompt.checkpoint_at)
+            self._unpark(slot)
+        except BaseException:
+            self._drop(slot)
+            raise
+        session.prompt_done(reused)
+        return reused
+
+    def _prefill_from(self, slot: int, tokens: list[int], at: int, hints: Sequence[int] = ()) -> None:
+        """Decode tokens[at:], stopping at checkpoint places (recurrent models only): the
+        prompt's ``hints`` (else a few tokens before its end), every ``checkpoint_every``."""
+        held = self._held[slot]
+        end = len(tokens)
+        if at >= end:
+            return
+        stops = {end}
+        if self.recurrent and self.max_checkpoints:
+            stops.update(range((at // self.checkpoint_every + 1) * self.checkpoint_every, end, self.checkpoint_every))
+            stops.update(hints or [end - _END_MARGIN])
+            stops = {stop for stop in stops if at + 1 < stop <= end}
+        for stop in sorted(stops):
+            self._prefill(slot, tokens[at:stop])
+            held.tokens = tokens[:stop]
+            at = stop
+            if self.recurrent and self.max_checkpoints:
+                held.checkpoints = [c for c in held.checkpoints if c.n_tokens != stop]
+                held.checkpoints.append(self._save(slot))
+                while len(held.checkpoints) > self.max_checkpoints:
+                    self._free(held.checkpoints.pop(0))
+
+    def step(self, sessions: Sequence[Optional[Session]]) -> StepResult:
+        """One batched step over the slots with a session; their tokens join what the slot
+        holds. A failed slot forgets its sequence (its error is returned)."""
+        produced, drafted, failed = self._step(sessions)
+        for slot, tokens in enumerate(produced):
+            if sessions[slot] is not None and tokens:
+                self._held[slot].tokens.extend(tokens)
+        for slot in failed:
+            self._drop(slot)
+        return produced, drafted, failed
+
+    def finish(self, slot: int) -> None:
+        """The session left: the slot keeps its memory for the next prompt."""
+        self._held[slot].used_at = time.monotonic()
+        self._park(slot)
+
+    def forget(self, slot: int) -> None:
+        """Drop what the slot holds (a failed or abandoned request)."""
+        self._drop(slot)
+
+    def _drop(self, slot: int) -> None:
+        held = self._held[slot]
+        for checkpoint in held.checkpoints:
+            self._free(checkpoint)
+        held.checkpoints = []
+        held.tokens = []
+        self._reset(slot)
+
+    def _free(self, checkpoint: Any) -> None:
+        free = getattr(checkpoint, "free", None)
+        if free is not None:
+            free()
+
+    def close(self) -> None:
+        for held in self._held:
+            for checkpoint in held.checkpoints:
+                self._free(checkpoint)
+            held.checkpoints = []
+
+
+class SpeculativeSlots(Slots):
+    """Slots are the sequences of one MTP speculative decoder."""
+
+    def __init__(self, decoder: SpeculativeDecoder, *, n_draft: Optional[int] = None, **cache: Any) -> None:
+        model = decoder.target.model
+        super().__init__(decoder.n_seq, model.is_hybrid or model.is_recurrent, **cache)
+        self.decoder = decoder
+        self.n_draft = decoder.n_draft if n_draft is None else n_draft
+        self.adaptive = bool(decoder.policies)
+
+    def _configure(self, slot: int, session: Session) -> None:
+        self.decoder.set_sampling(grammar=session.prompt.grammar, seq_id=slot, **session.sampling.as_kwargs())
+
+    def _prefill(self, slot: int, tokens: list[int]) -> None:
+        self.decoder.prefill(tokens, slot)
+
+    def _cut(self, slot: int, n_keep: int) -> int:
+        self.decoder.truncate(n_keep, slot)  # evaluates token n_keep - 2 again
+        return n_keep - 2
+
+    def _save(self, slot: int) -> Any:
+        return self.decoder.checkpoint(slot)
+
+    def _restore(self, slot: int, checkpoint: Any) -> None:
+        self.decoder.restore(checkpoint, slot)
+
+    def _reset(self, slot: int) -> None:
+        self.decoder.reset(slot)
+
+    def _park(self, slot: int) -> None:
+        if self._held[slot].tokens:
+            self.decoder.park(slot)
+        self.decoder.set_sampling(seq_id=slot)  # frees the request's grammar
+
+    def _unpark(self, slot: int) -> None:
+        self.decoder.park(slot, False)
+
+    def _holds(self, slot: int) -> bool:
+        return self.decoder.is_active(slot)
+
+    def _step(self, sessions: Sequence[Optional[Session]]) -> StepResult:
+        lengths: list[Optional[int]] = []
+        for session in sessions:
+            if session is None:
+                lengths.append(0)
+            elif session.n_draft is not None:
+                lengths.append(min(session.n_draft, self.decoder.n_draft))
+            elif self.adaptive and session.sampling.temperature <= 0:
+                lengths.append(None)  # the batch-aware plan
+            else:
+                # A sampled request's draft length never depends on the load, so a fixed
+                # seed gives the same answer alone or among others.
+                lengths.append(self.n_draft)
+        try:
+            produced = self.decoder.step(lengths)
+        except (NonFiniteLogitsError, GrammarDeadEndError) as error:  # those fail; the others' tokens came
+            assert error.produced is not None
+            return error.produced, self.decoder.last_drafted, dict(error.failed)
+        return produced, self.decoder.last_drafted, {}
+
+    def acceptance_at(self) -> list[tuple[int, int]]:
+        stats = self.decoder.stats
+        return list(zip(stats.drafted_at, stats.accepted_at))
+
+
+class PlainSlots(Slots):
+    """Slots are the sequences of one context; no MTP (``--no-mtp``)."""
+
+    def __init__(self, context: Context, **cache: Any) -> None:
+        model = context.model
+        super().__init__(context.n_seq_max, model.is_hybrid or model.is_recurrent, **cache)
+        self.context = context
+        self.samplers: list[Optional[Sampler]] = [None] * self.n_slots
+
+    def _configure(self, slot: int, session: Session) -> None:
+        self._close_sampler(slot)
+        self.samplers[slot] = Sampler(grammar=session.prompt.grammar, **session.sampling.as_kwargs())
+
+    def _prefill(self, slot: int, tokens: list[int]) -> None:
+        """Evaluate what the slot holds past its memory (its pending token) and all but the
+        last of ``tokens``; the last becomes pending."""
+        held = self._held[slot].tokens
+        todo = held[-1:] + tokens[:-1] if held else tokens[:-1]
+        start = len(held) - 1 if held else 0
+        for begin in range(0, len(todo), self.context.n_batch):
+            chunk = todo[begin:begin + self.context.n_batch]
+            positions = np.arange(start + begin, start + begin + len(chunk))
+            self.context.decode(Batch(chunk, positions, seq_ids=slot, outputs=False))
+
+    def _cut(self, slot: int, n_keep: int) -> int:
+        self.context.seq_rm(slot, n_keep - 1)
+        return n_keep - 1
+
+    def _save(self, slot: int) -> Any:
+        return _StateCheckpoint(self.context.save_state(slot, partial=True), len(self._held[slot].tokens))
+
+    def _restore(self, slot: int, checkpoint: "_StateCheckpoint") -> None:
+        self.context.load_state(checkpoint.data, slot, partial=True)
+        self.context.seq_rm(slot, checkpoint.n_tokens - 1)  # attention memory past it
+
+    def _reset(self, slot: int) -> None:
+        self.context.seq_rm(slot)
+
+    def _park(self, slot: int) -> None:
+        self._close_sampler(slot)
+
+    def _unpark(self, slot: int) -> None:
+        pass
+
+    def _close_sampler(self, slot: int) -> None:
+        sampler, self.samplers[slot] = self.samplers[slot], None
+        if sampler is not None:
+            sampler.close()
+
+    def _step(self, sessions: Sequence[Optional[Session]]) -> StepResult:
+        slots = [slot for slot, session in enumerate(sessions) if session is not None]
+        pending = [self._held[slot].tokens[-1] for slot in slots]
+        positions = [len(self._held[slot].tokens) - 1 for slot in slots]
+        self.context.decode(Batch(pending, positions, seq_ids=slots, outputs=True))
+        produced: list[list[int]] = [[] for _ in sessions]
+        failed: dict[int, Exception] = {}
+        for index, slot in enumerate(slots):
+            sampler = self.samplers[slot]
+            assert sampler is not None
+            try:
+                produced[slot] = [self.context.sample(sampler, index)]
+            except (NonFiniteLogitsError, GrammarDeadEndError) as error:  # that request fails, the others go on
+                failed[slot] = error
+        suspects = [slot for slot, error in failed.items() if isinstance(error, NonFiniteLogitsError)]
+        if suspects:
+            for slot in self._rebuild(slots, suspects, failed, produced):
+                del failed[slot]  # only reached by another's NaN: it goes on next step
+        return produced, [0] * len(sessions), failed
+
+    def _rebuild(self, slots: list[int], suspects: list[int], failed: dict[int, Exception],
+                 produced: list[list[int]]) -> list[int]:
+        """llama.cpp lets NaN in one sequence's memory reach others (see pmtp_spec_rebuild):
+        each suspect is evaluated alone in cleared memory; those whose logits are then
+        finite were only reached. The memory is cleared, data included, and every slot but
+        the failed ones is evaluated again (parked slots lose their cache). Returns the
+        suspects that were only reached; they produce nothing this step."""
+        # A failed slot's pending token was evaluated; any other's new token was not.
+        held = {slot: self._held[slot].tokens for slot in slots}
+        reached = []
+        for slot in suspects:
+            self.context.clear()
+            self._evaluate(slot, held[slot])
+            self.context.decode(Batch([held[slot][-1]], [len(held[slot]) - 1], seq_ids=slot, outputs=True))
+            if np.isfinite(self.context.logits(-1)).all():
+                reached.append(slot)
+        if len(reached) == len(suspects):  # no source alone: they fail together
+            reached = []
+        self.context.clear()
+        for slot in range(self.n_slots):
+            if slot not in slots:  # a parked cache is gone with the memory
+                self._held[slot].tokens, self._held[slot].checkpoints = [], []
+        for slot in slots:
+            if slot not in failed or slot in reached:
+                self._evaluate(slot, held[slot] + produced[slot])
+        return reached
+
+    def _evaluate(self, slot: int, tokens: list[int]) -> None:
+        """Into cleared memory: all but the last of ``tokens`` (the slot's holding stays)."""
+        kept, self._held[slot].tokens = self._held[slot].tokens, []
+        try:
+            self._prefill(slot, tokens)
+        finally:
+            self._held[slot].tokens = kept
+
+    def acceptance_at(self) -> list[tuple[int, int]]:
+        return []
+
+    def close(self) -> None:
+        super().close()
+        for slot in range(self.n_slots):
+            self._close_sampler(slot)
+
+
+@dataclass(frozen=True)
+class _StateCheckpoint:
+    data: bytes
+    n_tokens: int
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
