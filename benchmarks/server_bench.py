@@ -145,7 +145,7 @@ def main() -> None:
     parser.add_argument("--draft", type=int, default=3)
     parser.add_argument("--n-embd", type=int, default=1024)
     parser.add_argument("--n-layer", type=int, default=12)
-    parser.add_argument("--turns", type=int, default=4, help="turns of the multi-turn case (0: none)")
+    parser.add_argument("--turns", type=int, default=3, help="turns of the multi-turn case (0: none; each slot holds 1024 tokens)")
     parser.add_argument("--history", type=int, default=750, help="tokens of the multi-turn case's first prompt")
     args = parser.parse_args()
     parallel = max(args.clients)

@@ -413,6 +413,11 @@ int32_t verify(pmtp_spec & s) {
     std::vector<char> ends(s.n_seq, 0);
     add_prompt_chunks(s, seq_of, tok, pos, out, n_prompt, ends);
     if (tok.empty()) {
+        for (llama_seq_id seq = 0; seq < s.n_seq; seq++) {
+            if (ends[seq]) {
+                take_prompt_chunk(s, seq, 0, true);  // one token left, not ready: it is pending
+            }
+        }
         return PMTP_OK;
     }
     const int32_t st = target_eval(s, seq_of, tok, pos, out);

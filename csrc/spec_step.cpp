@@ -206,10 +206,16 @@ void clear_all(pmtp_spec & s) {
 }  // namespace
 
 int32_t rebuild(pmtp_spec & s) {
-    std::vector<std::vector<llama_token>> keep(s.n_seq);
+    std::vector<std::vector<llama_token>> keep(s.n_seq), queued(s.n_seq);
+    std::vector<char> ready(s.n_seq, 0);
     std::vector<llama_pos> at(s.n_seq, -1);
     std::vector<int32_t> kind(s.n_seq, 0);
     for (llama_seq_id seq = 0; seq < s.n_seq; seq++) {
+        if (!s.seqs[seq].queued.empty()) {  // a prompt being fed: queued again, whole
+            queued[seq] = s.seqs[seq].history;
+            queued[seq].insert(queued[seq].end(), s.seqs[seq].queued.begin(), s.seqs[seq].queued.end());
+            ready[seq] = s.seqs[seq].queued_ready;
+        }
         if (s.seqs[seq].active && !s.seqs[seq].parked) {  // a parked one is a cache: dropped
             keep[seq] = s.seqs[seq].history;  // its pending token last
         }
@@ -246,6 +252,8 @@ int32_t rebuild(pmtp_spec & s) {
             if (st != PMTP_OK) {
                 return st;
             }
+        } else if (!queued[seq].empty()) {
+            enqueue(s, seq, queued[seq].data(), (int32_t) queued[seq].size(), ready[seq] != 0);
         }
     }
     return PMTP_OK;

@@ -42,13 +42,14 @@ class Session:
         return self.output.finish_reason or "length"
 
     def prompt_done(self, reused: int) -> None:
-        """The slot holds the prompt (``reused`` of its tokens were not decoded again)."""
+        """The slot took the prompt (``reused`` of its tokens are not decoded again)."""
         self.reused = reused
-        self.prompt_s = time.perf_counter() - self.started
 
     def push(self, tokens: list[int], drafted: int) -> str:
         """One step's tokens (accepted drafts and the target's next); the text they show."""
         if tokens:
+            if not self.output.produced and not self.prompt_s:  # the prompt's end: the first token
+                self.prompt_s = time.perf_counter() - self.started
             self.drafted += drafted
             self.accepted += len(tokens) - 1
         pieces = []
@@ -68,8 +69,8 @@ class Session:
 
     @property
     def timings(self) -> dict[str, float]:
-        """llama-server's names: prompt_n (tokens decoded), prompt_ms, cache_n, predicted_n,
-        predicted_ms, predicted_per_second, draft_n, draft_n_accepted."""
+        """llama-server's names: prompt_n (tokens decoded), prompt_ms (to the first token),
+        cache_n, predicted_n, predicted_ms, predicted_per_second, draft_n, draft_n_accepted."""
         generation_s = max(time.perf_counter() - self.started - self.prompt_s, 1e-9)
         produced = self.output.produced
         return {"prompt_n": len(self.prompt.tokens) - self.reused, "prompt_ms": self.prompt_s * 1e3,

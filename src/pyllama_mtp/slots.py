@@ -52,6 +52,11 @@ class _Held:
     tokens: list[int] = field(default_factory=list)
     checkpoints: list[Any] = field(default_factory=list)  # each with .n_tokens, .nbytes; oldest first
     used_at: float = 0.0
+    #: a prompt being fed inside the steps: it, where its later parts end (a checkpoint
+    #: between two parts), and whether a part is in the decoder's queue now
+    prompt: list[int] = field(default_factory=list)
+    parts: list[int] = field(default_factory=list)
+    feeding: bool = False
 
 
 class Slots:
@@ -70,7 +75,12 @@ class Slots:
         self._held = [_Held() for _ in range(n_slots)]
 
     # -- what subclasses provide ------------------------------------------------------
-    def _prefill(self, slot: int, tokens: list[int]) -> None: ...
+    def _enqueue(self, slot: int, tokens: list[int], ready: bool) -> None:
+        """Feed ``tokens`` inside the next steps (after the slot's pending token); ready:
+        the step that ends them gives the first token, else the last stays pending."""
+    def _part_done(self, slot: int) -> bool:
+        """Whether the tokens given to :meth:`_enqueue` were all taken in."""
+        raise NotImplementedError
     def _cut(self, slot: int, n_keep: int) -> int:
         """Keep the first n_keep tokens (the last pending); returns those not decoded again."""
         raise NotImplementedError
@@ -142,35 +152,51 @@ class Slots:
                 at = 0
             held.checkpoints = [c for c in held.checkpoints if c.n_tokens <= at]
             held.tokens = tokens[:at]
-            self._prefill_from(slot, tokens, at, session.prompt.checkpoint_at)
-            self._unpark(slot)
+            self._feed(slot, tokens, at, session.prompt.checkpoint_at)
         except BaseException:
             self._drop(slot)
             raise
         session.prompt_done(reused)
         return reused
 
-    def _prefill_from(self, slot: int, tokens: list[int], at: int, hints: Sequence[int] = ()) -> None:
-        """Decode tokens[at:], stopping at checkpoint places (recurrent models only): the
-        prompt's ``hints`` (else a few tokens before its end), every ``checkpoint_every``."""
+    def _feed(self, slot: int, tokens: list[int], at: int, hints: Sequence[int]) -> None:
+        """Feed tokens[at:] inside the coming steps, in parts that end at checkpoint places
+        (recurrent models only): the prompt's ``hints`` (else a few tokens before its end)
+        and every ``checkpoint_every`` tokens."""
         held = self._held[slot]
         end = len(tokens)
-        if at >= end:
+        if at >= end:  # all held: its pending token goes in with the next step
+            self._unpark(slot)
             return
-        stops = {end}
+        stops: set[int] = set()
         if self.recurrent and self.max_checkpoints:
             stops.update(range((at // self.checkpoint_every + 1) * self.checkpoint_every, end, self.checkpoint_every))
             stops.update(hints or [end - _END_MARGIN])
-            stops = {stop for stop in stops if at + 1 < stop <= end}
-        for stop in sorted(stops):
-            self._prefill(slot, tokens[at:stop])
-            held.tokens = tokens[:stop]
-            at = stop
-            if self.recurrent and self.max_checkpoints:
-                held.checkpoints = [c for c in held.checkpoints if c.n_tokens != stop]
-                held.checkpoints.append(self._save(slot))
-                while len(held.checkpoints) > self.max_checkpoints:
-                    self._free(held.checkpoints.pop(0))
+        held.prompt = tokens
+        held.parts = sorted(stop for stop in stops if at + 1 < stop < end) + [end]
+        self._next_part(slot)
+
+    def _next_part(self, slot: int) -> None:
+        held = self._held[slot]
+        stop = held.parts.pop(0)
+        self._enqueue(slot, held.prompt[len(held.tokens):stop], not held.parts)
+        held.tokens = held.prompt[:stop]
+        held.feeding = True
+
+    def _fed(self) -> None:
+        """After a step: parts of prompts that ended get their checkpoint and the next part."""
+        for slot, held in enumerate(self._held):
+            if not held.feeding or not self._part_done(slot):
+                continue
+            if not held.parts:
+                held.feeding, held.prompt = False, []
+                continue
+            stop = len(held.tokens)
+            held.checkpoints = [c for c in held.checkpoints if c.n_tokens != stop]
+            held.checkpoints.append(self._save(slot))
+            while len(held.checkpoints) > self.max_checkpoints:
+                self._free(held.checkpoints.pop(0))
+            self._next_part(slot)
 
     def step(self, sessions: Sequence[Optional[Session]]) -> StepResult:
         """One batched step over the slots with a session; their tokens join what the slot
@@ -181,11 +207,16 @@ class Slots:
                 self._held[slot].tokens.extend(tokens)
         for slot in failed:
             self._drop(slot)
+        self._fed()
         return produced, drafted, failed
 
     def finish(self, slot: int) -> None:
-        """The session left: the slot keeps its memory for the next prompt."""
-        self._held[slot].used_at = time.monotonic()
+        """The session left: the slot keeps its memory for the next prompt (not a prompt
+        it left half fed)."""
+        held = self._held[slot]
+        held.used_at = time.monotonic()
+        if held.feeding:
+            self._drop(slot)
         self._park(slot)
 
     def forget(self, slot: int) -> None:
@@ -197,7 +228,7 @@ class Slots:
         for checkpoint in held.checkpoints:
             self._free(checkpoint)
         held.checkpoints = []
-        held.tokens = []
+        held.tokens, held.prompt, held.parts, held.feeding = [], [], [], False
         self._reset(slot)
 
     def _free(self, checkpoint: Any) -> None:
@@ -225,8 +256,11 @@ class SpeculativeSlots(Slots):
     def _configure(self, slot: int, session: Session) -> None:
         self.decoder.set_sampling(grammar=session.prompt.grammar, seq_id=slot, **session.sampling.as_kwargs())
 
-    def _prefill(self, slot: int, tokens: list[int]) -> None:
-        self.decoder.prefill(tokens, slot)
+    def _enqueue(self, slot: int, tokens: list[int], ready: bool) -> None:
+        self.decoder.enqueue(tokens, slot, ready=ready)
+
+    def _part_done(self, slot: int) -> bool:
+        return self.decoder.is_active(slot)
 
     def _cut(self, slot: int, n_keep: int) -> int:
         self.decoder.truncate(n_keep, slot)  # evaluates token n_keep - 2 again
@@ -254,8 +288,8 @@ class SpeculativeSlots(Slots):
 
     def _step(self, sessions: Sequence[Optional[Session]]) -> StepResult:
         lengths: list[Optional[int]] = []
-        for session in sessions:
-            if session is None:
+        for slot, session in enumerate(sessions):
+            if session is None or self._held[slot].feeding:
                 lengths.append(0)
             elif session.n_draft is not None:
                 lengths.append(min(session.n_draft, self.decoder.n_draft))
@@ -285,21 +319,30 @@ class PlainSlots(Slots):
         super().__init__(context.n_seq_max, model.is_hybrid or model.is_recurrent, **cache)
         self.context = context
         self.samplers: list[Optional[Sampler]] = [None] * self.n_slots
+        # Prompts fed inside the steps: tokens to evaluate, the position of the first, and
+        # whether the last is evaluated too (for the first token) or stays pending.
+        self._queue: list[list[int]] = [[] for _ in range(self.n_slots)]
+        self._queue_at = [0] * self.n_slots
+        self._ready = [False] * self.n_slots
 
     def _configure(self, slot: int, session: Session) -> None:
         self._close_sampler(slot)
         self.samplers[slot] = Sampler(grammar=session.prompt.grammar, **session.sampling.as_kwargs())
 
+    def _enqueue(self, slot: int, tokens: list[int], ready: bool) -> None:
+        held = self._held[slot].tokens  # its pending token, if any, is evaluated first
+        self._queue[slot] = held[-1:] + list(tokens)
+        self._queue_at[slot] = len(held) - 1 if held else 0
+        self._ready[slot] = ready
+
+    def _part_done(self, slot: int) -> bool:
+        return not self._queue[slot]
+
     def _prefill(self, slot: int, tokens: list[int]) -> None:
-        """Evaluate what the slot holds past its memory (its pending token) and all but the
-        last of ``tokens``; the last becomes pending."""
-        held = self._held[slot].tokens
-        todo = held[-1:] + tokens[:-1] if held else tokens[:-1]
-        start = len(held) - 1 if held else 0
-        for begin in range(0, len(todo), self.context.n_batch):
-            chunk = todo[begin:begin + self.context.n_batch]
-            positions = np.arange(start + begin, start + begin + len(chunk))
-            self.context.decode(Batch(chunk, positions, seq_ids=slot, outputs=False))
+        """Evaluate all but the last of ``tokens`` into the slot's (cleared) memory now."""
+        for begin in range(0, len(tokens) - 1, self.context.n_batch):
+            chunk = tokens[begin:min(begin + self.context.n_batch, len(tokens) - 1)]
+            self.context.decode(Batch(chunk, np.arange(begin, begin + len(chunk)), seq_ids=slot, outputs=False))
 
     def _cut(self, slot: int, n_keep: int) -> int:
         self.context.seq_rm(slot, n_keep - 1)
@@ -314,6 +357,7 @@ class PlainSlots(Slots):
 
     def _reset(self, slot: int) -> None:
         self.context.seq_rm(slot)
+        self._queue[slot] = []
 
     def _park(self, slot: int) -> None:
         self._close_sampler(slot)
@@ -327,13 +371,43 @@ class PlainSlots(Slots):
             sampler.close()
 
     def _step(self, sessions: Sequence[Optional[Session]]) -> StepResult:
-        slots = [slot for slot, session in enumerate(sessions) if session is not None]
-        pending = [self._held[slot].tokens[-1] for slot in slots]
-        positions = [len(self._held[slot].tokens) - 1 for slot in slots]
-        self.context.decode(Batch(pending, positions, seq_ids=slots, outputs=True))
+        tokens: list[int] = []
+        positions: list[int] = []
+        seq_ids: list[int] = []
+        outputs: list[bool] = []
+        sampled: list[tuple[int, int]] = []  # (slot, batch index) of each slot that samples
+
+        def add(slot: int, token: int, position: int, output: bool) -> None:
+            if output:
+                sampled.append((slot, len(tokens)))
+            tokens.append(token), positions.append(position), seq_ids.append(slot), outputs.append(output)
+
+        for slot, session in enumerate(sessions):
+            if session is not None and not self._queue[slot]:
+                held = self._held[slot].tokens
+                add(slot, held[-1], len(held) - 1, True)
+        # Queued prompts fill what the batch leaves, as the MTP step does (pmtp_spec_enqueue).
+        fed: dict[int, tuple[int, bool]] = {}
+        for slot, queue in enumerate(self._queue):
+            room = self.context.n_batch - len(tokens)
+            if not queue or sessions[slot] is None or room <= 0:
+                continue
+            rest = len(queue) - 1
+            count = min(room, rest)
+            end = count == rest and (not self._ready[slot] or room > count)
+            for i in range(count):
+                add(slot, queue[i], self._queue_at[slot] + i, False)
+            if end and self._ready[slot]:
+                add(slot, queue[rest], self._queue_at[slot] + count, True)
+            fed[slot] = (count, end)
+        if tokens:
+            self.context.decode(Batch(tokens, positions, seq_ids=seq_ids, outputs=outputs))
+        for slot, (count, end) in fed.items():
+            self._queue[slot] = [] if end else self._queue[slot][count:]
+            self._queue_at[slot] += count
         produced: list[list[int]] = [[] for _ in sessions]
         failed: dict[int, Exception] = {}
-        for index, slot in enumerate(slots):
+        for slot, index in sampled:
             sampler = self.samplers[slot]
             assert sampler is not None
             try:
@@ -342,6 +416,7 @@ class PlainSlots(Slots):
                 failed[slot] = error
         suspects = [slot for slot, error in failed.items() if isinstance(error, NonFiniteLogitsError)]
         if suspects:
+            slots = [slot for slot, _ in sampled]
             for slot in self._rebuild(slots, suspects, failed, produced):
                 del failed[slot]  # only reached by another's NaN: it goes on next step
         return produced, [0] * len(sessions), failed
@@ -366,7 +441,10 @@ class PlainSlots(Slots):
             reached = []
         self.context.clear()
         for slot in range(self.n_slots):
-            if slot not in slots:  # a parked cache is gone with the memory
+            if slot not in slots and self._queue[slot]:  # a prompt being fed: fed again from its start
+                self._queue[slot] = self._held[slot].tokens[:self._queue_at[slot]] + self._queue[slot]
+                self._queue_at[slot] = 0
+            elif slot not in slots:  # a parked cache is gone with the memory
                 self._held[slot].tokens, self._held[slot].checkpoints = [], []
         for slot in slots:
             if slot not in failed or slot in reached:

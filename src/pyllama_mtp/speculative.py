@@ -90,6 +90,7 @@ class SpeculativeDecoder(StepByStep, Resource):
         self._cost = StepCost()  # shared: the verify batch is
         self._last_drafted = [0] * target.n_seq_max
         self._prefilled = [False] * target.n_seq_max  # see step()
+        self._queued: set[int] = set()
         self._wall_s = 0.0
         self._owned: list[Context] = []
         # Each sequence's native sampler (None: greedy, unconstrained), owned here.
@@ -297,7 +298,10 @@ class SpeculativeDecoder(StepByStep, Resource):
                 self._last_drafted = [d if d >= 0 else -d - 1 for d in drafted.tolist()]
             finally:
                 self._wall_s += time.perf_counter() - start
-            if policies:
+            carried_prompts = bool(self._queued)
+            if carried_prompts:  # queued prompts (enqueue()) that ended this step
+                self._queued = {seq for seq in self._queued if not self._native.seq_state(seq)[0]}
+            if policies and not carried_prompts:  # a prompt chunk's time is no verify cost
                 self._cost.observe(sum(map(bool, produced)), max(lengths), time.perf_counter() - start)
                 for policy, tokens_out, n_drafted in zip(policies, produced, drafted.tolist()):
                     # Inactive sequences produced nothing; lookup drafts (negative) say nothing

@@ -19,6 +19,7 @@ class StepByStep:
     ``_target``, ``n_draft``, ``p_min`` and ``n_seq``)."""
 
     _native: _lowlevel.NativeSpeculative
+    _queued: set  # sequences with a queued prompt (their steps say nothing of draft costs)
 
     def _check_seq(self, seq_id: int) -> int:
         if not isinstance(seq_id, (int, np.integer)) or not 0 <= seq_id < self._native.n_seq:
@@ -102,6 +103,21 @@ class StepByStep:
     def reset(self, seq_id: int = 0) -> None:
         """Forget a sequence in both contexts."""
         self._native.reset_seq(self._check_seq(seq_id))
+        self._queued.discard(int(seq_id))
+
+    def enqueue(self, prompt: Iterable[int], seq_id: int = 0, *, ready: bool = True) -> None:
+        """Queue a prompt on a sequence (continuing it if active): rather than a
+        :meth:`prefill` of its own, it is evaluated in chunks inside the next steps'
+        batches, beside the other sequences' decoding, so it stalls none of them. With
+        ``ready`` the step that ends it gives the sequence its first token; otherwise the
+        sequence ends it like a prefill and parks (for a :meth:`checkpoint`, then the next
+        part). Until then :meth:`is_active` is False."""
+        array = self._target.model.check_tokens(list(prompt))
+        if len(array) == 0:
+            raise InvalidArgumentError("the prompt is empty")
+        seq_id = self._check_seq(seq_id)
+        self._native.enqueue(seq_id, np.ascontiguousarray(array, dtype=np.int32), bool(ready))
+        self._queued.add(seq_id)
 
     def park(self, seq_id: int = 0, parked: bool = True) -> None:
         """Keep a sequence's memory (for a later :meth:`truncate`, :meth:`restore` or

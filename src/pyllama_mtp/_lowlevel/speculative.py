@@ -65,6 +65,11 @@ class NativeSpeculative(NativeHandle):
             call.check(lib.pmtp_spec_prefill(self.ptr(), seq, ffi.cast("llama_token *", ffi.from_buffer(tokens)),
                                                len(tokens)), "prefill")
 
+    def enqueue(self, seq: int, tokens: np.ndarray, ready: bool) -> None:
+        with self._locked(computes=False) as call:
+            call.check(lib.pmtp_spec_enqueue(self.ptr(), seq, ffi.cast("llama_token *", ffi.from_buffer(tokens)),
+                                               len(tokens), int(ready)), "queue the prompt")
+
     def set_catch_up_from(self, seq: int, pos: int) -> None:
         with self.lock:
             check_status(lib.pmtp_spec_set_catch_up_from(self.ptr(), seq, pos), "set the catch-up window")
