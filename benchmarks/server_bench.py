@@ -88,7 +88,8 @@ def one_request(url: str, prompt: str, tokens: int) -> tuple[int, float, str]:
             "stream_options": {"include_usage": True}, "ignore_eos": True}
     start, first, produced, text = time.perf_counter(), None, 0, []
     with httpx.stream("POST", url + "/v1/completions", json=body, timeout=600) as response:
-        response.raise_for_status()
+        if response.status_code != 200:
+            raise RuntimeError(f"HTTP {response.status_code}: {response.read().decode(errors='replace')}")
         for line in response.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -111,6 +112,23 @@ def load(url: str, clients: int, requests: int, tokens: int) -> tuple[float, flo
         results = [item for batch in pool.map(client, range(clients)) for item in batch]
     wall = time.perf_counter() - start
     return sum(n for n, _, _ in results) / wall, statistics.median(t for _, t, _ in results)
+
+
+def engine_seconds(url: str, server: str) -> tuple[float, float]:
+    """(busy, compute) seconds of our engine thread so far, from /metrics; (0, 0) for
+    llama-server."""
+    if not server.startswith("ours"):
+        return 0.0, 0.0
+    text = httpx.get(url + "/metrics", timeout=10).text
+    value = {name: float(v) for name, v in (line.split() for line in text.splitlines()
+                                             if line and not line.startswith("#"))}
+    return value["pyllama_mtp_engine_busy_seconds_total"], value["pyllama_mtp_engine_compute_seconds_total"]
+
+
+def python_share(before: tuple[float, float], after: tuple[float, float]) -> float:
+    """The part of the engine's working time that was not llama.cpp computing."""
+    busy = after[0] - before[0]
+    return 1.0 - (after[1] - before[1]) / busy if busy > 0 else float("nan")
 
 
 def multi_turn(url: str, system: str, turns: int, tokens: int) -> list[float]:
@@ -145,7 +163,7 @@ def main() -> None:
     parser.add_argument("--draft", type=int, default=3)
     parser.add_argument("--n-embd", type=int, default=1024)
     parser.add_argument("--n-layer", type=int, default=12)
-    parser.add_argument("--turns", type=int, default=3, help="turns of the multi-turn case (0: none; each slot holds 1024 tokens)")
+    parser.add_argument("--turns", type=int, default=4, help="turns of the multi-turn case (0: none; each slot holds 2048 tokens)")
     parser.add_argument("--history", type=int, default=750, help="tokens of the multi-turn case's first prompt")
     args = parser.parse_args()
     parallel = max(args.clients)
@@ -156,15 +174,18 @@ def main() -> None:
         for repeat in range(args.repeats):
             port = _free_port()
             url = f"http://127.0.0.1:{port}"
-            for name, command in server_commands(model, port, args.threads, parallel, 1024 * parallel,
+            for name, command in server_commands(model, port, args.threads, parallel, 2048 * parallel,
                                                  args.draft).items():
                 process = start(command, url)
                 try:
                     load(url, 1, 1, 8)  # warm-up
                     for clients in args.clients:
+                        before = engine_seconds(url, name)
                         rate, ttft = load(url, clients, args.requests, args.tokens)
+                        after = engine_seconds(url, name)
                         rows.append({"model": label, "server": name, "clients": clients, "repeat": repeat,
-                                     "tokens_per_s": rate, "ttft_s": ttft})
+                                     "tokens_per_s": rate, "ttft_s": ttft,
+                                     "python_share": python_share(before, after)})
                         print(f"{label:22} #{repeat} {name:20} {clients} clients: {rate:7.1f} tok/s, "
                               f"TTFT {ttft * 1e3:6.0f} ms", flush=True)
                     if args.turns:
@@ -203,13 +224,16 @@ def report(rows: list, args: argparse.Namespace) -> None:
     servers = list(dict.fromkeys(r["server"] for r in rows))
     lines = [f"Medians of {args.repeats} interleaved repetitions; {args.requests} streamed greedy requests of "
              f"{args.tokens} tokens per client; {args.threads} threads.", "",
-             "| model | server | clients | tokens/s | median TTFT (ms) |", "|---|---|---|---|---|"]
+             "| model | server | clients | tokens/s | median TTFT (ms) | engine time not in llama.cpp |",
+             "|---|---|---|---|---|---|"]
     for model in MODELS:
         for server in servers:
             for clients in args.clients:
                 where = {"model": model, "server": server, "clients": clients}
+                share = _median(rows, "python_share", **where) if server.startswith("ours") else None
                 lines.append(f"| {model} | {server} | {clients} | {_median(rows, 'tokens_per_s', **where):.1f} | "
-                             f"{_median(rows, 'ttft_s', **where) * 1e3:.0f} |")
+                             f"{_median(rows, 'ttft_s', **where) * 1e3:.0f} | "
+                             f"{'-' if share is None else f'{share:.1%}'} |")
     if args.turns:
         lines += ["", f"Multi-turn: one client, {args.turns} turns, a first prompt of about {args.history} tokens, "
                   "each next prompt the last one + its answer + a few words.", "",

@@ -122,17 +122,27 @@ void enqueue(pmtp_spec & s, llama_seq_id seq, const llama_token * tokens, int32_
     q.verify_rows = 0;
 }
 
-// Queued prompts fill what a verify batch leaves (n_batch), in sequence order: each adds
-// up to all but its last token (n_prompt[seq]); ends[seq] when that finishes the prompt,
-// a ready one's last token then added as its pending token with an output row.
+// Queued prompts fill what a verify batch leaves (n_batch), shortest first (a short prompt's
+// first token then never waits behind a long one): each adds up to all but its last token
+// (n_prompt[seq]); ends[seq] when that finishes the prompt, a ready one's last token then
+// added as its pending token with an output row.
 void add_prompt_chunks(pmtp_spec & s, std::vector<llama_seq_id> & seq_of, std::vector<llama_token> & tok,
                        std::vector<llama_pos> & pos, std::vector<bool> & out, std::vector<int32_t> & n_prompt,
                        std::vector<char> & ends) {
+    std::vector<llama_seq_id> order;
+    for (llama_seq_id seq = 0; seq < s.n_seq; seq++) {
+        if (!s.seqs[seq].queued.empty()) {
+            order.push_back(seq);
+        }
+    }
+    std::stable_sort(order.begin(), order.end(), [&s](llama_seq_id a, llama_seq_id b) {
+        return s.seqs[a].queued.size() < s.seqs[b].queued.size();
+    });
     int32_t room = (int32_t) llama_n_batch(s.tgt) - (int32_t) tok.size();
-    for (llama_seq_id seq = 0; seq < s.n_seq && room > 0; seq++) {
+    for (const llama_seq_id seq : order) {
         pmtp_seq & q = s.seqs[seq];
-        if (q.queued.empty()) {
-            continue;
+        if (room <= 0) {
+            break;
         }
         const int32_t rest = (int32_t) q.queued.size() - 1;  // all but the last
         const int32_t c = std::min(room, rest);

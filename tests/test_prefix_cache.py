@@ -116,8 +116,9 @@ def test_server_reports_cached_tokens_and_answers_as_cold(model_path, arch, mtp)
         client = server.client()
         model_id = client.models.list().data[0].id
 
-        def complete(prompt):
-            return client.completions.create(model=model_id, prompt=prompt, max_tokens=N_TOKENS, temperature=0)
+        def complete(prompt, **extra):
+            return client.completions.create(model=model_id, prompt=prompt, max_tokens=N_TOKENS, temperature=0,
+                                             extra_body=extra or None)
 
         first = complete(first_text)
         assert first.usage.prompt_tokens_details.cached_tokens == 0
@@ -135,7 +136,61 @@ def test_server_reports_cached_tokens_and_answers_as_cold(model_path, arch, mtp)
         else:
             assert expected.startswith(second.choices[0].text)
         assert first.choices[0].text == first_answer_ref or first_answer_ref.startswith(first.choices[0].text)
+        cold = complete(second_text, cache_prompt=False)  # llama-server's field: evaluated cold
+        assert cold.usage.prompt_tokens_details.cached_tokens == 0
+        assert cold.choices[0].text == second.choices[0].text
         metrics = server.metrics()
         assert metrics["pyllama_mtp_prompt_cached_tokens_total"] >= cached
     finally:
         server.stop()
+
+
+@pytest.mark.parametrize("arch", ["qwen35", "glm4moe"])
+def test_queued_prompts_are_fed_inside_the_others_steps(model_path, arch):
+    """pmtp_spec_enqueue: a prompt longer than what a batch leaves goes in over several
+    steps while another sequence decodes at every one; a short one gets its first token
+    from the first step; a prompt queued in parts (checkpoint between) continues as one."""
+    with Model.load(model_path(arch)) as model:
+        running = model.tokenize(BASE)
+        long = model.tokenize("a much longer prompt that needs several batches to go in. " * 3)
+        short = model.tokenize("short")
+        decoder = SpeculativeDecoder.create(model, n_ctx=3 * 1024, n_draft=3, n_seq_max=3, n_batch=32, **EXACT)
+        try:
+            decoder.prefill(running, 0)
+            decoder.enqueue(long, 1)
+            decoder.enqueue(short, 2)
+            out: list[list[int]] = [[], [], []]
+            first_token_step = [None, None, None]
+            for step in range(40):
+                produced = decoder.step([3, 3, 3])
+                assert produced[0], "the running sequence waited for the queued prompts"
+                for seq in range(3):
+                    if produced[seq] and first_token_step[seq] is None:
+                        first_token_step[seq] = step
+                    out[seq] += produced[seq]
+                if step < first_token_step[1] if first_token_step[1] is not None else True:
+                    assert not decoder.is_active(1)
+                if all(len(o) >= N_TOKENS for o in out):
+                    break
+            # Each batch holds the running sequence's rows (4) first: 28 tokens of prompt
+            # each step at most, so the long prompt needs several steps; the short one
+            # fits beside it from the first.
+            assert first_token_step[2] == 0
+            assert first_token_step[1] >= (len(long) - 1) // 28
+            for seq, prompt in enumerate((running, long, short)):
+                assert out[seq][:N_TOKENS] == plain_greedy(model, prompt, N_TOKENS), seq
+            # In two parts, the first parked for a checkpoint: the same as one prompt.
+            decoder.reset(1)
+            decoder.enqueue(long[:40], 1, ready=False)
+            while not decoder.is_active(1):
+                decoder.step([3, 0, 0])
+            checkpoint = decoder.checkpoint(1)
+            assert checkpoint.n_tokens == 40
+            decoder.enqueue(long[40:], 1)
+            again: list[int] = []
+            while len(again) < N_TOKENS:
+                again += decoder.step([0, 3, 0])[1]
+            assert again[:N_TOKENS] == out[1][:N_TOKENS]
+            checkpoint.free()
+        finally:
+            decoder.close()

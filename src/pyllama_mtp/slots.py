@@ -129,12 +129,13 @@ class Slots:
         return sum(len(held.checkpoints) for held in self._held)
 
     # -- a session's life -------------------------------------------------------------
-    def start(self, slot: int, session: Session) -> int:
-        """Put the session's prompt on ``slot``; returns the prompt tokens reused."""
+    def start(self, slot: int, session: Session, *, reuse: bool = True) -> int:
+        """Put the session's prompt on ``slot``; returns the prompt tokens reused (none
+        without ``reuse``: the prompt is evaluated cold)."""
         tokens = list(session.prompt.tokens)
         held = self._held[slot]
         held.used_at = time.monotonic()
-        if held.tokens and not self._holds(slot):
+        if held.tokens and (not reuse or not self._holds(slot)):
             self._drop(slot)
         how, argument, reused = self._plan(slot, tokens)
         self._configure(slot, session)
@@ -310,6 +311,12 @@ class SpeculativeSlots(Slots):
         stats = self.decoder.stats
         return list(zip(stats.drafted_at, stats.accepted_at))
 
+    @property
+    def compute_s(self) -> float:
+        """Seconds llama.cpp computed (target batches and drafts, timed in C)."""
+        stats = self.decoder.stats
+        return stats.target_s + stats.draft_s
+
 
 class PlainSlots(Slots):
     """Slots are the sequences of one context; no MTP (``--no-mtp``)."""
@@ -324,6 +331,7 @@ class PlainSlots(Slots):
         self._queue: list[list[int]] = [[] for _ in range(self.n_slots)]
         self._queue_at = [0] * self.n_slots
         self._ready = [False] * self.n_slots
+        self.compute_s = 0.0  # seconds in llama.cpp's decode
 
     def _configure(self, slot: int, session: Session) -> None:
         self._close_sampler(slot)
@@ -386,9 +394,11 @@ class PlainSlots(Slots):
             if session is not None and not self._queue[slot]:
                 held = self._held[slot].tokens
                 add(slot, held[-1], len(held) - 1, True)
-        # Queued prompts fill what the batch leaves, as the MTP step does (pmtp_spec_enqueue).
+        # Queued prompts fill what the batch leaves, shortest first, as the MTP step does
+        # (pmtp_spec_enqueue).
         fed: dict[int, tuple[int, bool]] = {}
-        for slot, queue in enumerate(self._queue):
+        for slot in sorted(range(self.n_slots), key=lambda s: len(self._queue[s])):
+            queue = self._queue[slot]
             room = self.context.n_batch - len(tokens)
             if not queue or sessions[slot] is None or room <= 0:
                 continue
@@ -401,7 +411,9 @@ class PlainSlots(Slots):
                 add(slot, queue[rest], self._queue_at[slot] + count, True)
             fed[slot] = (count, end)
         if tokens:
+            start = time.perf_counter()
             self.context.decode(Batch(tokens, positions, seq_ids=seq_ids, outputs=outputs))
+            self.compute_s += time.perf_counter() - start
         for slot, (count, end) in fed.items():
             self._queue[slot] = [] if end else self._queue[slot][count:]
             self._queue_at[slot] += count

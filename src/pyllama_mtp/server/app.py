@@ -158,7 +158,8 @@ class _Api:
         except (LlamaError, TypeError, ValueError) as error:
             raise protocol.RequestError(str(error)) from None
         events = _Inbox(asyncio.get_running_loop())
-        job = Job(prompt, parsed.max_tokens, parsed.sampling, parsed.n_draft, events.put)
+        job = Job(prompt, parsed.max_tokens, parsed.sampling, parsed.n_draft, events.put,
+                  cache_prompt=parsed.cache_prompt)
         try:
             self.engine.submit(job)
         except (QueueFullError, InvalidArgumentError) as error:

@@ -68,6 +68,8 @@ class Job:
     #: this request's MTP draft length (None: the server's policy)
     n_draft: Optional[int]
     sink: Callable[[Event], None]
+    #: reuse what a slot holds of the prompt (llama-server's cache_prompt)
+    cache_prompt: bool = True
     cancelled: threading.Event = field(default_factory=threading.Event)
     queued_at: float = field(default_factory=time.perf_counter)
     #: the answer's token budget, set by Engine.submit
@@ -97,6 +99,10 @@ class EngineCounters:
     steps: int = 0
     #: prompt tokens taken from a slot's cache instead of decoded
     cached_tokens: int = 0
+    #: seconds the engine thread worked (admitting, stepping, handing out text) and, of
+    #: those, seconds llama.cpp computed: the rest is Python on the critical path
+    busy_s: float = 0.0
+    compute_s: float = 0.0
     #: recurrent-state checkpoints the slots keep (count, bytes)
     checkpoints: int = 0
     checkpoint_bytes: int = 0
@@ -230,6 +236,7 @@ class Engine:
                     self._cond.wait()
                 if not self._running:
                     break
+            began = time.perf_counter()
             try:
                 self._drop_cancelled()
                 self._admit()
@@ -238,6 +245,7 @@ class Engine:
             except Exception:  # a bug of ours: log it and keep serving
                 logger.exception("engine step failed")
                 self._fail_all(RuntimeError("the engine failed during this request; see the server log"))
+            self.counters.busy_s += time.perf_counter() - began
         for slot, entry in enumerate(self._busy):
             if entry is not None:
                 self._finish(slot)
@@ -261,7 +269,7 @@ class Engine:
             session = Session(self.model, job.prompt, job.budget, job.sampling, job.n_draft)
             slot = self._slots.choose(free, job.prompt.tokens)
             try:
-                self._slots.start(slot, session)
+                self._slots.start(slot, session, reuse=job.cache_prompt)
             except Exception as error:  # the request's fault (or llama.cpp's error for it)
                 self.counters.requests["failed"] += 1
                 job.sink(Failed(error))
@@ -298,6 +306,7 @@ class Engine:
                 self._finish(slot)
         if self.counters.steps % 16 == 1:  # for /metrics; reading the C counters costs a little
             self.counters.acceptance_at = self._slots.acceptance_at()
+            self.counters.compute_s = self._slots.compute_s
             self.counters.checkpoints = self._slots.checkpoint_count
             self.counters.checkpoint_bytes = self._slots.checkpoint_bytes
 

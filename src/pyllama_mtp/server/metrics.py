@@ -33,7 +33,9 @@ class _EngineCollector:
                 ("completion_tokens", "Tokens generated", counters.completion_tokens),
                 ("draft_tokens", "MTP draft tokens verified", counters.drafted),
                 ("draft_accepted_tokens", "MTP draft tokens accepted", counters.accepted),
-                ("steps", "Batched decoding steps", counters.steps)):
+                ("steps", "Batched decoding steps", counters.steps),
+                ("engine_busy_seconds", "Seconds the engine thread worked", counters.busy_s),
+                ("engine_compute_seconds", "Of those, seconds llama.cpp computed", counters.compute_s)):
             yield CounterMetricFamily(f"pyllama_mtp_{name}", text, value=value)
         acceptance = GaugeMetricFamily("pyllama_mtp_draft_acceptance",
                                        "Acceptance at each draft position (1 = first drafted token)",

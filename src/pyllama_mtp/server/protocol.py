@@ -52,6 +52,8 @@ class GenerationRequest:
     n_draft: Optional[int]
     stream: bool
     include_usage: bool
+    #: llama-server's cache_prompt: reuse what a slot holds of the prompt (default)
+    cache_prompt: bool = True
 
 
 def _is_int(value: Any) -> bool:
@@ -168,7 +170,8 @@ def parse_generation(body: Any, *, chat: bool, model_name: str, n_draft_max: int
     return GenerationRequest(
         chat=chat, prepare=prepare, max_tokens=max_tokens,
         sampling=Sampling(float(temperature), int(top_k), float(top_p), float(min_p), seed),
-        n_draft=n_draft, stream=stream, include_usage=bool(options.get("include_usage")))
+        n_draft=n_draft, stream=stream, include_usage=bool(options.get("include_usage")),
+        cache_prompt=bool(_get(body, "cache_prompt", "bool", True)))
 
 
 # -- responses ---------------------------------------------------------------------------
