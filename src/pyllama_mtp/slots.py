@@ -11,7 +11,9 @@ or four tokens before the end of a raw prompt; and every ``checkpoint_every`` to
 long prompt; at most ``max_checkpoints`` per slot, the oldest dropped) and resumes from
 the last one inside the shared prefix. The MTP drafter keeps its KV up to the same
 point and the hidden row its next draft pairs with (saved with the checkpoint).
-:meth:`Slots.step` advances every running slot in one batched step.
+:meth:`Slots.step` advances every running slot in one batched step, feeding the prompts
+of newly started slots inside it (``inline``; not for MTP on hybrid models, whose prompts
+are evaluated at start: see SpeculativeSlots).
 """
 
 from __future__ import annotations
@@ -73,6 +75,8 @@ class Slots:
         self.max_checkpoints = max_checkpoints
         self.checkpoint_every = checkpoint_every
         self._held = [_Held() for _ in range(n_slots)]
+        #: prompts fed inside the steps (else evaluated at start, in calls of their own)
+        self.inline = True
 
     # -- what subclasses provide ------------------------------------------------------
     def _enqueue(self, slot: int, tokens: list[int], ready: bool) -> None:
@@ -80,6 +84,9 @@ class Slots:
         the step that ends them gives the first token, else the last stays pending."""
     def _part_done(self, slot: int) -> bool:
         """Whether the tokens given to :meth:`_enqueue` were all taken in."""
+        raise NotImplementedError
+    def _prefill(self, slot: int, tokens: list[int]) -> None:
+        """Where prompts are not fed inside the steps (``inline`` False): evaluate now."""
         raise NotImplementedError
     def _cut(self, slot: int, n_keep: int) -> int:
         """Keep the first n_keep tokens (the last pending); returns those not decoded again."""
@@ -170,12 +177,23 @@ class Slots:
             self._unpark(slot)
             return
         stops: set[int] = set()
-        if self.recurrent and self.max_checkpoints:
+        checkpoints = self.recurrent and self.max_checkpoints > 0
+        if checkpoints:
             stops.update(range((at // self.checkpoint_every + 1) * self.checkpoint_every, end, self.checkpoint_every))
             stops.update(hints or [end - _END_MARGIN])
         held.prompt = tokens
         held.parts = sorted(stop for stop in stops if at + 1 < stop < end) + [end]
-        self._next_part(slot)
+        if self.inline:
+            self._next_part(slot)
+            return
+        # Evaluated now, part by part; the prompt's end is a place at rest for a checkpoint too.
+        while held.parts:
+            stop = held.parts.pop(0)
+            self._prefill(slot, tokens[len(held.tokens):stop])
+            held.tokens = tokens[:stop]
+            if checkpoints:
+                self._add_checkpoint(slot)
+        held.prompt = []
 
     def _next_part(self, slot: int) -> None:
         held = self._held[slot]
@@ -192,12 +210,16 @@ class Slots:
             if not held.parts:
                 held.feeding, held.prompt = False, []
                 continue
-            stop = len(held.tokens)
-            held.checkpoints = [c for c in held.checkpoints if c.n_tokens != stop]
-            held.checkpoints.append(self._save(slot))
-            while len(held.checkpoints) > self.max_checkpoints:
-                self._free(held.checkpoints.pop(0))
+            self._add_checkpoint(slot)
             self._next_part(slot)
+
+    def _add_checkpoint(self, slot: int) -> None:
+        held = self._held[slot]
+        stop = len(held.tokens)
+        held.checkpoints = [c for c in held.checkpoints if c.n_tokens != stop]
+        held.checkpoints.append(self._save(slot))
+        while len(held.checkpoints) > self.max_checkpoints:
+            self._free(held.checkpoints.pop(0))
 
     def step(self, sessions: Sequence[Optional[Session]]) -> StepResult:
         """One batched step over the slots with a session; their tokens join what the slot
@@ -253,6 +275,11 @@ class SpeculativeSlots(Slots):
         self.decoder = decoder
         self.n_draft = decoder.n_draft if n_draft is None else n_draft
         self.adaptive = bool(decoder.policies)
+        # Measured: with prompt chunks inside the verify batches of a hybrid model (qwen35),
+        # greedy answers under load left plain decoding's (2 of 24 in the 32-request server
+        # test; cause not found, suspected in llama.cpp's recurrent snapshots across the
+        # ubatches of a mixed batch). Those prompts get calls of their own.
+        self.inline = not self.recurrent
 
     def _configure(self, slot: int, session: Session) -> None:
         self.decoder.set_sampling(grammar=session.prompt.grammar, seq_id=slot, **session.sampling.as_kwargs())
@@ -262,6 +289,9 @@ class SpeculativeSlots(Slots):
 
     def _part_done(self, slot: int) -> bool:
         return self.decoder.is_active(slot)
+
+    def _prefill(self, slot: int, tokens: list[int]) -> None:
+        self.decoder.prefill(tokens, slot)
 
     def _cut(self, slot: int, n_keep: int) -> int:
         self.decoder.truncate(n_keep, slot)  # evaluates token n_keep - 2 again
@@ -346,7 +376,7 @@ class PlainSlots(Slots):
     def _part_done(self, slot: int) -> bool:
         return not self._queue[slot]
 
-    def _prefill(self, slot: int, tokens: list[int]) -> None:
+    def _evaluate_fresh(self, slot: int, tokens: list[int]) -> None:
         """Evaluate all but the last of ``tokens`` into the slot's (cleared) memory now."""
         for begin in range(0, len(tokens) - 1, self.context.n_batch):
             chunk = tokens[begin:min(begin + self.context.n_batch, len(tokens) - 1)]
@@ -467,7 +497,7 @@ class PlainSlots(Slots):
         """Into cleared memory: all but the last of ``tokens`` (the slot's holding stays)."""
         kept, self._held[slot].tokens = self._held[slot].tokens, []
         try:
-            self._prefill(slot, tokens)
+            self._evaluate_fresh(slot, tokens)
         finally:
             self._held[slot].tokens = kept
 
