@@ -12,7 +12,8 @@ from helpers import EXACT, plain_greedy
 from pyllama_mtp import Context, Model, SpeculativeDecoder
 from pyllama_mtp.answer import Prompt, Sampling
 from pyllama_mtp.session import Session
-from pyllama_mtp.slots import PlainSlots, SpeculativeSlots, common_prefix
+from pyllama_mtp.slots import SpeculativeSlots, common_prefix
+from pyllama_mtp.slots_plain import PlainSlots
 from test_server import ServerProcess
 
 pytestmark = pytest.mark.backend_independent(

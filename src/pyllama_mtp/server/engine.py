@@ -26,7 +26,8 @@ from ..answer import Prompt, Sampling, Usage, token_budget
 from ..context import Context
 from ..errors import InvalidArgumentError, LlamaError
 from ..session import Session
-from ..slots import PlainSlots, Slots, SpeculativeSlots
+from ..slots import Slots, SpeculativeSlots
+from ..slots_plain import PlainSlots
 from ..speculative import SpeculativeDecoder
 
 logger = logging.getLogger(__name__)
